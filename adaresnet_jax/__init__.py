@@ -1,0 +1,29 @@
+"""adaresnet-jax: AdaResNet and ResNet as pure Flax modules.
+
+>>> import adaresnet_jax as ar
+>>> model = ar.create_model("paper", num_classes=10)            # AdaResNet, the seed's network
+>>> baseline = ar.create_model("paper", num_classes=10, skip="identity")
+"""
+
+from adaresnet_jax.models import (
+    MODEL_NAMES,
+    SKIP_RULES,
+    BasicBlock,
+    BottleneckBlock,
+    ResNet,
+    WeightedSkip,
+    create_model,
+    skip_weights,
+)
+
+__all__ = [
+    "MODEL_NAMES",
+    "SKIP_RULES",
+    "BasicBlock",
+    "BottleneckBlock",
+    "ResNet",
+    "WeightedSkip",
+    "create_model",
+    "skip_weights",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""ResNet and AdaResNet as pure Flax Linen modules.
+
+AdaResNet (Hong Su, 2024, arXiv:2408.09958) changes one thing in a residual block: instead of
+``act(F(x) + x)`` it computes ``act(F(x) + w * x)`` with ``w`` a trainable scalar per block,
+zero-initialised. Here that is one field of one module, ``ResNet.skip``:
+
+* ``"identity"``: ``act(F(x) + x)``, plain ResNet, no extra parameter;
+* ``"learned"``:  ``act(F(x) + w * x)``, AdaResNet, through :class:`WeightedSkip` (the default);
+* ``"rezero"``:   ``act(x + w * F(x))``, the ReZero placement (Bachlechner et al., 2020).
+
+``x`` is the skip input after the shortcut (1x1 projection + BatchNorm, or zero padding) where the
+block changes shape. Inputs are NHWC. ``model.init(rng, x, train=False)`` returns
+``{"params", "batch_stats"}``; training applies with ``train=True, mutable=["batch_stats"]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adaresnet_jax import conv as conv_lib
+
+SKIP_RULES = ("identity", "learned", "rezero")
+SkipRule = Literal["identity", "learned", "rezero"]
+SkipInit = float | str | Callable[..., jax.Array]
+ModuleDef = Any
+
+# Keras' RandomNormal default, the initialiser of the seed's second skip layer (AddWithWeight2).
+KERAS_NORMAL_STDDEV = 0.05
+
+
+def skip_initializer(init: SkipInit) -> Callable[..., jax.Array]:
+    """An initialiser from a constant, ``"normal"`` (N(0, 0.05^2), Keras' default) or a callable."""
+    if callable(init):
+        return init
+    if isinstance(init, str):
+        if init == "normal":
+            return nn.initializers.normal(KERAS_NORMAL_STDDEV)
+        raise ValueError(f"unknown skip_init {init!r}: use a number, 'normal' or an initializer")
+    return nn.initializers.constant(float(init))
+
+
+class WeightedSkip(nn.Module):
+    """``d + w * x``: the seed's ``AddWithWeight`` layer.
+
+    ``d`` is the residual branch output and ``x`` the skip input (same shape, NHWC). ``w`` is the
+    parameter ``skip_weight`` of shape ``(1,)`` (the seed's) or ``(C,)`` with ``per_channel``.
+    """
+
+    weight_init: SkipInit = 0.0
+    per_channel: bool = False
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, d: jax.Array, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1],) if self.per_channel else (1,)
+        w = self.param("skip_weight", skip_initializer(self.weight_init), shape, self.param_dtype)
+        w = jnp.asarray(w, d.dtype).reshape((1,) * (d.ndim - 1) + shape)
+        return d + w * x
+
+
+class _Residual(nn.Module):
+    """Shared tail of every block: shortcut, the skip rule, activation."""
+
+    skip: SkipRule
+    skip_mod: ModuleDef
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[jax.Array], jax.Array]
+    shortcut: Literal["projection", "zero_pad"]
+    strides: int
+
+    def combine(self, branch: jax.Array, x: jax.Array) -> jax.Array:
+        if x.shape != branch.shape:
+            x = self.project(x, branch.shape[-1])
+        if self.skip == "identity":
+            out = branch + x
+        elif self.skip == "learned":
+            out = self.skip_mod(name="skip")(branch, x)
+        else:  # rezero: x + w * F(x)
+            out = self.skip_mod(name="skip")(x, branch)
+        return self.act(out)
+
+    def project(self, x: jax.Array, features: int) -> jax.Array:
+        if self.shortcut == "projection":
+            x = self.conv(features, (1, 1), (self.strides, self.strides), padding="VALID",
+                          name="proj_conv")(x)
+            return self.norm(name="proj_bn")(x)
+        # He et al. (2016) option A: subsample, then zero-pad the new channels. No parameters.
+        x = x[:, :: self.strides, :: self.strides, :]
+        extra = features - x.shape[-1]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(_Residual):
+    """Two 3x3 convolutions (ResNet-18/34, the He CIFAR nets, the seed's network)."""
+
+    filters: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = (self.strides, self.strides)
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s)(x)))
+        y = self.norm()(self.conv(self.filters, (3, 3))(y))
+        return self.combine(y, x)
+
+
+class BottleneckBlock(_Residual):
+    """1x1, 3x3 (strided, as torchvision's v1.5), 1x1 x4 (ResNet-50/101/152)."""
+
+    filters: int = 64
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = (self.strides, self.strides)
+        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s)(y)))
+        y = self.norm()(self.conv(self.filters * self.expansion, (1, 1))(y))
+        return self.combine(y, x)
+
+
+class ResNet(nn.Module):
+    """A ResNet whose residual rule is the field ``skip`` (see the module docstring).
+
+    Attributes:
+      stage_sizes: blocks per stage; stage ``i`` has ``num_filters * 2**i`` filters.
+      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock`.
+      num_classes: size of the final Dense layer.
+      num_filters: width of the stem and of the first stage.
+      stage_strides: stride of the first block of each stage.
+      stem: ``"imagenet"`` (7x7/2 conv, BN, act, 3x3/2 max-pool) or ``"cifar"`` (3x3/1, BN, act).
+      padding: ``"same"`` (TF/Keras: the extra pad on the high side) or ``"symmetric"`` (PyTorch).
+      shortcut: ``"projection"`` (1x1 conv + BN) or ``"zero_pad"`` (He et al. option A).
+      skip: ``"identity"``, ``"learned"`` (AdaResNet) or ``"rezero"``.
+      skip_init: initial skip weight: a number, ``"normal"`` or an initialiser.
+      downsample_skip_init: initial skip weight of blocks with a shortcut; ``None``: ``skip_init``.
+      skip_per_channel: one skip weight per channel instead of one per block.
+      dtype / param_dtype: compute and parameter dtypes (bf16 compute, f32 params works).
+      bn_momentum / bn_epsilon: BatchNorm settings (flax convention: 0.9 is PyTorch's 0.1).
+      kernel_init: conv kernel initialiser.
+      conv_bias: whether convolutions carry a bias.
+      conv_impl: ``"xla"``, ``"slice_dot"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
+      act: activation after every BN of the branch and after the add.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef = BasicBlock
+    num_classes: int = 10
+    num_filters: int = 64
+    stage_strides: Sequence[int] = (1, 2, 2, 2)
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    padding: Literal["same", "symmetric"] = "symmetric"
+    shortcut: Literal["projection", "zero_pad"] = "projection"
+    skip: SkipRule = "learned"
+    skip_init: SkipInit = 0.0
+    downsample_skip_init: SkipInit | None = None
+    skip_per_channel: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    kernel_init: Callable[..., jax.Array] = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    conv_bias: bool = False
+    conv_impl: str = "auto"
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        _check_choice("skip rule", self.skip, SKIP_RULES)
+        _check_num_classes(self.num_classes)
+        _check_choice("conv_impl", self.conv_impl, ("auto", *conv_lib.CONV_IMPLS))
+        if x.ndim != 4:
+            raise ValueError(f"expected an NHWC batch of rank 4, got shape {tuple(x.shape)}: "
+                             "add a batch axis (x[None]) or a channel axis (x[..., None])")
+        if len(self.stage_strides) != len(self.stage_sizes):
+            raise ValueError(f"stage_strides {tuple(self.stage_strides)} needs one stride per stage "
+                             f"of stage_sizes {tuple(self.stage_sizes)}")
+        impl = conv_lib.default_conv_impl() if self.conv_impl == "auto" else self.conv_impl
+        conv = functools.partial(
+            _conv, use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init, symmetric=self.padding == "symmetric",
+            conv_general_dilated=conv_lib.conv_fn(impl))
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        x = jnp.asarray(x, self.dtype)
+        if self.stem == "imagenet":
+            x = self.act(norm(name="stem_bn")(conv(self.num_filters, (7, 7), (2, 2), name="stem_conv")(x)))
+            if self.padding == "symmetric":
+                x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            else:
+                x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        else:
+            x = self.act(norm(name="stem_bn")(conv(self.num_filters, (3, 3), name="stem_conv")(x)))
+
+        for i, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides)):
+            for j in range(size):
+                init = self.skip_init
+                strides = stride if j == 0 else 1
+                if j == 0 and self.downsample_skip_init is not None:
+                    init = self.downsample_skip_init
+                skip_mod = functools.partial(WeightedSkip, weight_init=init, per_channel=self.skip_per_channel,
+                                             param_dtype=self.param_dtype)
+                x = self.block_cls(
+                    filters=self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
+                    act=self.act, skip=self.skip, skip_mod=skip_mod, shortcut=self.shortcut,
+                    name=f"stage{i + 1}_block{j + 1}")(x)
+
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+        return jnp.asarray(x, jnp.float32)
+
+
+def _conv(features: int, kernel_size: tuple[int, int], strides: tuple[int, int] = (1, 1), *,
+          padding: Any = None, symmetric: bool, **kwargs: Any) -> nn.Conv:
+    """``nn.Conv``; ``symmetric`` pads ``k // 2`` each side (PyTorch), else lax's ``"SAME"``."""
+    if padding is None:
+        padding = tuple((k // 2, k // 2) for k in kernel_size) if symmetric else "SAME"
+    return nn.Conv(features, kernel_size, strides, padding=padding, **kwargs)
+
+
+# ---------------------------------------------------------------------------- named networks
+
+_KERAS = dict(padding="same", bn_momentum=0.99, bn_epsilon=1e-3, conv_bias=True,
+              kernel_init=nn.initializers.glorot_uniform())
+
+_NETWORKS: dict[str, dict[str, Any]] = {
+    # The seed's Keras network: 8 blocks, every stage (64 too) opens with a stride-2 projection
+    # block. Its downsampling blocks use AddWithWeight2 (RandomNormal), the others zeros.
+    "paper": dict(stage_sizes=(2, 2, 2, 2), stage_strides=(2, 2, 2, 2), downsample_skip_init="normal",
+                  **_KERAS),
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2)),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3)),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),
+    "resnet101": dict(stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock),
+    "resnet152": dict(stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock),
+    "resnet18_cifar": dict(stage_sizes=(2, 2, 2, 2), stem="cifar"),
+    **{f"resnet{6 * n + 2}": dict(stage_sizes=(n, n, n), stage_strides=(1, 2, 2), num_filters=16,
+                                  stem="cifar", shortcut="zero_pad") for n in (3, 5, 7, 9, 18)},
+    # Test-sized: same code paths (CIFAR stem, projection shortcut, two stages), tiny widths.
+    "tiny": dict(stage_sizes=(1, 1), stage_strides=(1, 2), num_filters=4, stem="cifar"),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_NETWORKS)
+
+
+def create_model(name: str, *, num_classes: int, skip: SkipRule = "learned", **overrides: Any) -> ResNet:
+    """The named network as a :class:`ResNet` module; ``overrides`` replace any of its fields.
+
+    >>> m = create_model("paper", num_classes=10)                     # AdaResNet, the seed's net
+    >>> m = create_model("resnet50", num_classes=1000, skip="identity", dtype=jnp.bfloat16)
+    """
+    _check_choice("model name", name, MODEL_NAMES)
+    _check_choice("skip rule", skip, SKIP_RULES)
+    _check_num_classes(num_classes)
+    fields = set(ResNet.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown ResNet field(s) {unknown}; valid fields: {sorted(fields)}")
+    return ResNet(**{**_NETWORKS[name], "num_classes": num_classes, "skip": skip, **overrides})
+
+
+_BLOCK = re.compile(r"stage(\d+)_block(\d+)")
+
+
+def skip_weights(params: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The skip weights in network order, keyed ``"stage2/block1"``; empty for ``skip="identity"``.
+
+    Accepts ``variables["params"]`` or the whole variables dict.
+    """
+    params = params.get("params", params)
+    found = []
+    for key, block in params.items():
+        m = _BLOCK.fullmatch(key)
+        if m and "skip" in block:
+            found.append(((int(m[1]), int(m[2])), block["skip"]["skip_weight"]))
+    return {f"stage{i}/block{j}": w for (i, j), w in sorted(found)}
+
+
+def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def _check_num_classes(n: Any) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"num_classes must be a positive integer, got {n!r}")

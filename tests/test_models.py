@@ -1,0 +1,226 @@
+"""The model library: parameter counts, the skip rules, gradients, dtypes and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+import adaresnet_jax as ar
+
+# (num_classes, trainable parameters with skip="identity", blocks): torchvision's, He et al.'s,
+# and the seed's Keras model (11,190,730 + 8 skip weights = 11,190,738).
+COUNTS = {
+    "paper": (10, 11_190_730, 8),
+    "resnet18": (1000, 11_689_512, 8),
+    "resnet34": (1000, 21_797_672, 16),
+    "resnet50": (1000, 25_557_032, 16),
+    "resnet101": (1000, 44_549_160, 33),
+    "resnet152": (1000, 60_192_808, 50),
+    "resnet18_cifar": (10, 11_173_962, 8),
+    "resnet20": (10, 269_722, 9),
+    "resnet32": (10, 464_154, 15),
+    "resnet44": (10, 658_586, 21),
+    "resnet56": (10, 853_018, 27),
+    "resnet110": (10, 1_727_962, 54),
+}
+
+
+def n_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_variables(model, size: int):
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+@pytest.mark.parametrize("skip", ["identity", "learned", "rezero"])
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_parameter_counts(name, skip):
+    num_classes, count, blocks = COUNTS[name]
+    model = ar.create_model(name, num_classes=num_classes, skip=skip)
+    v = abstract_variables(model, 224 if num_classes == 1000 else 32)
+    assert n_params(v["params"]) == count + (0 if skip == "identity" else blocks)
+    assert len(ar.skip_weights(v["params"])) == (0 if skip == "identity" else blocks)
+
+
+def test_paper_matches_the_seed_keras_model():
+    model = ar.create_model("paper", num_classes=10)
+    v = abstract_variables(model, 32)
+    assert n_params(v["batch_stats"]) == 9_728
+    flat = traverse_util.flatten_dict(v["params"], sep="/")
+    # Keras defaults: every convolution has a bias, one scalar skip weight per block.
+    assert all(k.replace("kernel", "bias") in flat for k in flat if k.endswith("kernel"))
+    assert all(flat[k].shape == (1,) for k in flat if k.endswith("skip_weight"))
+    assert model.bn_momentum == 0.99 and model.bn_epsilon == 1e-3
+
+
+def test_per_channel_skip_weights():
+    model = ar.create_model("resnet18", num_classes=1000, skip_per_channel=True)
+    v = abstract_variables(model, 64)
+    ws = ar.skip_weights(v)
+    assert [w.shape for w in ws.values()] == [(64,)] * 2 + [(128,)] * 2 + [(256,)] * 2 + [(512,)] * 2
+    assert n_params(v["params"]) == 11_689_512 + 2 * (64 + 128 + 256 + 512)
+
+
+def test_skip_weights_are_named_in_network_order():
+    model = ar.create_model("resnet20", num_classes=10)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    names = list(ar.skip_weights(v["params"]))
+    assert names == [f"stage{i}/block{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
+    assert all(float(w[0]) == 0.0 for w in ar.skip_weights(v).values())
+
+
+def test_weighted_skip_computes_d_plus_w_x():
+    d, x = jax.random.normal(jax.random.key(1), (2, 2, 3, 4, 5))
+    skip = ar.WeightedSkip(weight_init=0.5)
+    v = skip.init(jax.random.key(0), d, x)
+    assert v["params"]["skip_weight"].shape == (1,)
+    np.testing.assert_allclose(skip.apply(v, d, x), d + 0.5 * x, rtol=1e-6)
+    w = jnp.arange(5.0)
+    per_channel = ar.WeightedSkip(per_channel=True)
+    np.testing.assert_allclose(per_channel.apply({"params": {"skip_weight": w}}, d, x), d + w * x, rtol=1e-6)
+    normal = ar.WeightedSkip(weight_init="normal").init(jax.random.key(3), d, x)["params"]["skip_weight"]
+    assert normal.shape == (1,) and 0.0 < abs(float(normal[0])) < 0.5
+
+
+def test_paper_downsampling_blocks_start_from_the_seeds_random_normal():
+    v = ar.create_model("paper", num_classes=10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    ws = {k: float(w[0]) for k, w in ar.skip_weights(v).items()}
+    assert all(ws[f"stage{i}/block2"] == 0.0 for i in range(1, 5))
+    assert all(ws[f"stage{i}/block1"] != 0.0 for i in range(1, 5))
+
+
+def _set_skip(params, value: float):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.full_like(p, value) if path[-1].key == "skip_weight" else p, params)
+
+
+@pytest.mark.parametrize("name,overrides", [("tiny", {}), ("paper", {"num_filters": 4}),
+                                            ("resnet20", {"stage_sizes": (1, 1, 1)})])
+def test_zero_skip_weight_gives_act_of_branch_and_one_gives_identity(name, overrides, cifar_batch):
+    x = jnp.asarray(cifar_batch[0][:4])
+    learned = ar.create_model(name, num_classes=10, **overrides)
+    v = learned.init(jax.random.key(0), x, train=False)
+    # w = 0: every block outputs relu(F(x)), F the output of the block's last BatchNorm.
+    v0 = {**v, "params": _set_skip(v["params"], 0.0)}
+    _, inter = learned.apply(v0, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+    inter = inter["intermediates"]
+    for block in [k for k in inter if k.startswith("stage")]:
+        bns = sorted(k for k in inter[block] if k.startswith("BatchNorm"))
+        branch = inter[block][bns[-1]]["__call__"][0]
+        out = inter[block]["__call__"][0]
+        np.testing.assert_array_equal(out, jax.nn.relu(branch))
+    # w = 1: the plain ResNet, to the bit, with the same parameters.
+    identity = ar.create_model(name, num_classes=10, skip="identity", **overrides)
+    v1 = {**v, "params": _set_skip(v["params"], 1.0)}
+    no_skip = {k: {m: p for m, p in b.items() if m != "skip"} if k.startswith("stage") else b
+               for k, b in v["params"].items()}
+    v_id = {**v, "params": no_skip}
+    np.testing.assert_array_equal(learned.apply(v1, x, train=False), identity.apply(v_id, x, train=False))
+
+
+def _loss_fn(model, batch_stats, x, y):
+    def loss(params):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+    return loss
+
+
+def _nonzero(tree) -> dict[str, bool]:
+    return {k: bool(jnp.any(v != 0)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+# Small networks on the real code paths: the seed's stem and Keras settings, a projection CIFAR
+# net, and He's zero-padding shortcuts.
+SMALL = [("paper", {"num_filters": 8}), ("tiny", {}), ("resnet20", {"stage_sizes": (1, 1, 1)})]
+
+
+@pytest.mark.parametrize("skip", ["identity", "learned", "rezero"])
+@pytest.mark.parametrize("name,overrides", SMALL)
+def test_default_configurations_train(name, overrides, skip, cifar_batch):
+    """No dead start: at init every parameter that no zero weight stands in front of gets a
+    gradient; after a few steps every parameter has had one; and the loss goes down."""
+    x, y = map(jnp.asarray, cifar_batch)
+    model = ar.create_model(name, num_classes=10, skip=skip, **overrides)
+    v = model.init(jax.random.key(0), x, train=False)
+    params, stats = v["params"], v["batch_stats"]
+    grads, _ = jax.grad(_loss_fn(model, stats, x, y), has_aux=True)(params)
+    nonzero = _nonzero(grads)
+    init_skip = {k: float(w[0]) for k, w in ar.skip_weights(params).items()}
+    for path, ok in nonzero.items():
+        block = path.split("/")[0]
+        zero_here = block.startswith("stage") and init_skip.get(block.replace("_", "/")) == 0.0
+        in_branch = "/skip/" not in path and "/proj_" not in path
+        # A zero weight stands in front of the branch under ReZero, of the shortcut under AdaResNet.
+        behind_zero = zero_here and (in_branch if skip == "rezero" else "/proj_" in path)
+        assert ok != behind_zero, f"{path}: non-zero gradient {ok} at init ({skip})"
+
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+    seen = jax.tree.map(lambda g: g != 0, grads)
+    losses = []
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        (loss, stats), grads = jax.value_and_grad(_loss_fn(model, stats, x, y), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss, grads
+
+    for _ in range(8):
+        params, stats, opt_state, loss, grads = step(params, stats, opt_state)
+        seen = jax.tree.map(lambda s, g: s | (g != 0), seen, grads)
+        losses.append(float(loss))
+    assert all(_nonzero(seen).values()), [k for k, ok in _nonzero(seen).items() if not ok]
+    assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name,overrides", SMALL)
+def test_bfloat16_compute_with_float32_params(name, overrides, cifar_batch):
+    x = jnp.asarray(cifar_batch[0][:8])
+    f32 = ar.create_model(name, num_classes=10, **overrides)
+    bf16 = ar.create_model(name, num_classes=10, dtype=jnp.bfloat16, **overrides)
+    v = f32.init(jax.random.key(0), x, train=False)
+    v = {**v, "params": _set_skip(v["params"], 0.7)}
+    assert jax.tree.leaves(bf16.init(jax.random.key(0), x, train=False)["params"])[0].dtype == jnp.float32
+    ref = f32.apply(v, x, train=False)
+    out = bf16.apply(v, x, train=False)
+    assert out.dtype == jnp.float32 and jnp.isfinite(out).all()
+    assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 5e-2
+    logits, _ = bf16.apply(v, x, train=True, mutable=["batch_stats"])
+    assert jnp.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,overrides", SMALL)
+def test_conv_implementations_agree(name, overrides, cifar_batch):
+    x = jnp.asarray(cifar_batch[0][:4])
+    xla = ar.create_model(name, num_classes=10, conv_impl="xla", **overrides)
+    sd = ar.create_model(name, num_classes=10, conv_impl="slice_dot", **overrides)
+    v = xla.init(jax.random.key(0), x, train=False)
+    v = {**v, "params": _set_skip(v["params"], 0.7)}
+    np.testing.assert_allclose(sd.apply(v, x, train=False), xla.apply(v, x, train=False), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ar.create_model("resnet9000", num_classes=10), "unknown model name 'resnet9000'.*paper"),
+    (lambda: ar.create_model("paper", num_classes=10, skip="gated"), "unknown skip rule 'gated'.*learned"),
+    (lambda: ar.create_model("paper", num_classes=0), "num_classes must be a positive integer, got 0"),
+    (lambda: ar.create_model("paper", num_classes=-3), "got -3"),
+    (lambda: ar.create_model("paper", num_classes=10, widht=3), r"unknown ResNet field\(s\) \['widht'\]"),
+    (lambda: ar.create_model("paper", num_classes=10, conv_impl="fft").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3))), "unknown conv_impl 'fft'.*auto, xla, slice_dot"),
+    (lambda: ar.create_model("tiny", num_classes=10).init(jax.random.key(0), jnp.zeros((8, 8, 3))),
+     r"rank 4, got shape \(8, 8, 3\)"),
+    (lambda: ar.ResNet(stage_sizes=(1,), skip="gate").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))),
+     "unknown skip rule 'gate'"),
+    (lambda: ar.WeightedSkip(weight_init="uniform").init(jax.random.key(0), jnp.zeros(3), jnp.zeros(3)),
+     "unknown skip_init 'uniform'"),
+])
+def test_bad_input_raises_a_clear_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
