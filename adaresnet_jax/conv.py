@@ -19,20 +19,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("xla", "slice_dot")
+CONV_IMPLS = ("xla", "slice_dot", "hybrid")
+# hybrid: slice_dot where the output map has at most this many positions, XLA elsewhere.
+HYBRID_MAX_POSITIONS = 16
 
 _NHWC_HWIO = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def _live_taps(size: int, k: int, stride: int, lo: int, out: int) -> list[int]:
-    """Kernel offsets (along one spatial axis) that read real input somewhere.
+def _live_taps(size: int, k: int, stride: int, lo: int, out: int) -> tuple[range, int, int]:
+    """Along one spatial axis: live kernel taps, and the (lo, hi) padding they need.
 
-    Output position ``o`` with tap ``i`` reads input index ``o*stride + i - lo``;
-    a tap is dead when that index is outside ``[0, size)`` for every ``o < out``.
+    Output ``o`` with tap ``i`` reads input index ``o*stride + i - lo``. A tap is dropped
+    when all its reads fall before the input or all fall after it, so the kept taps are
+    a contiguous range (exact whenever ``stride <= size`` or ``out == 1``, as in a ResNet;
+    otherwise a kept tap may still read only zeros, which is harmless). Dropping taps
+    also drops padding only they would read (3x3 SAME on a 1x1 map: no padding at all).
     """
-    return [i for i in range(k) if i - lo < size and (out - 1) * stride + i - lo >= 0]
+    live = range(max(0, lo - (out - 1) * stride), min(k, lo + size))
+    if not live:
+        return live, 0, 0
+    last_read = (out - 1) * stride + live[-1] - lo  # input index read by the last output, last tap
+    return live, lo - live[0], max(0, last_read - (size - 1))
 
 
 def slice_dot_conv(
@@ -86,30 +96,43 @@ def slice_dot_conv(
     (ph_lo, ph_hi), (pw_lo, pw_hi) = pads
     oh = (h + ph_lo + ph_hi - kh) // sh + 1
     ow = (w + pw_lo + pw_hi - kw) // sw + 1
-    rows = _live_taps(h, kh, sh, ph_lo, oh)
-    cols = _live_taps(w, kw, sw, pw_lo, ow)
+    rows, rh_lo, rh_hi = _live_taps(h, kh, sh, ph_lo, oh)
+    cols, rw_lo, rw_hi = _live_taps(w, kw, sw, pw_lo, ow)
     if kcin != cin or min(ph_lo, ph_hi, pw_lo, pw_hi) < 0 or oh <= 0 or ow <= 0 or not rows or not cols:
         return fallback()
 
     x = lhs
-    if any((ph_lo, ph_hi, pw_lo, pw_hi)):
-        x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (ph_lo, ph_hi, 0), (pw_lo, pw_hi, 0), (0, 0, 0)))
+    if any((rh_lo, rh_hi, rw_lo, rw_hi)):
+        x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (rh_lo, rh_hi, 0), (rw_lo, rw_hi, 0), (0, 0, 0)))
 
     def tap(i: int, j: int) -> jax.Array:
-        """(N, OH, OW, Cin): the input pixels that kernel tap (i, j) multiplies."""
-        start = (0, i, j, 0)
+        """(N, OH, OW, Cin): the input pixels multiplied by live tap (i, j), offsets in ``x``."""
         limit = (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, cin)
-        return lax.slice(x, start, limit, (1, sh, sw, 1))
+        return lax.slice(x, (0, i, j, 0), limit, (1, sh, sw, 1))
 
-    patches = [tap(i, j) for i in rows for j in cols]
-    cols_x = patches[0] if len(patches) == 1 else lax.concatenate(patches, dimension=3)
+    patches = [tap(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    patch = patches[0] if len(patches) == 1 else lax.concatenate(patches, dimension=3)
     # Keep only live taps of the kernel, in the same (row, col, cin) order as the patches.
-    kernel = rhs[rows[0] : rows[-1] + 1][:, cols[0] : cols[-1] + 1]
+    kernel = rhs[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     kernel = kernel.reshape(len(rows) * len(cols) * cin, cout)
     return lax.dot_general(
-        cols_x, kernel, (((3,), (0,)), ((), ())),
+        patch, kernel, (((3,), (0,)), ((), ())),
         precision=precision, preferred_element_type=preferred_element_type,
     )
+
+
+def hybrid_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> jax.Array:
+    """``slice_dot_conv`` for small output maps (at most ``HYBRID_MAX_POSITIONS``), XLA's otherwise.
+
+    On CPU the slice-and-dot form wins by 6-30x on the 4x4 to 1x1 maps of the deep stages and
+    loses (0.75-1x) on large maps with few channels such as the 7x7/2 stem.
+    """
+    out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, **kwargs), lhs, rhs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    positions = int(np.prod([out.shape[d] for d in dn.out_spec[2:]]))
+    impl = slice_dot_conv if positions <= HYBRID_MAX_POSITIONS else lax.conv_general_dilated
+    return impl(lhs, rhs, window_strides, padding, **kwargs)
 
 
 ConvFn = Callable[..., jax.Array]
@@ -117,13 +140,15 @@ ConvFn = Callable[..., jax.Array]
 
 def conv_fn(impl: str) -> ConvFn:
     """The ``conv_general_dilated`` implementation named ``impl`` (one of ``CONV_IMPLS``)."""
-    if impl == "xla":
-        return lax.conv_general_dilated
-    if impl == "slice_dot":
-        return slice_dot_conv
-    raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
+    fns = {"xla": lax.conv_general_dilated, "slice_dot": slice_dot_conv, "hybrid": hybrid_conv}
+    if impl not in fns:
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
+    return fns[impl]
 
 
 def default_conv_impl(backend: str | None = None) -> str:
-    """"slice_dot" on CPU (measured faster there), "xla" elsewhere (not yet measured)."""
-    return "slice_dot" if (backend or jax.default_backend()) == "cpu" else "xla"
+    """The implementation ``conv_impl="auto"`` resolves to: measured per backend (benchmarks/README.md).
+
+    CPU: ``"hybrid"``; other backends: ``"xla"`` until measured there.
+    """
+    return "hybrid" if (backend or jax.default_backend()) == "cpu" else "xla"

@@ -199,16 +199,36 @@ def _load_digits() -> tuple[np.ndarray, ...]:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
+    """Keras layout (x_train, y_train, x_test, y_test), or JPEG bytes with offsets (see _decode_jpegs)."""
     keys = ("x_train", "y_train", "x_test", "y_test")
+    jpeg_keys = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
     try:
         with np.load(path, allow_pickle=False) as f:
-            found, arrays = list(f.files), {k: f[k] for k in keys if k in f.files}
+            found = list(f.files)
+            if all(k in found for k in jpeg_keys):
+                return (_decode_jpegs(f["train_jpeg"], f["train_offsets"]), f["train_labels"],
+                        _decode_jpegs(f["test_jpeg"], f["test_offsets"]), f["test_labels"])
+            arrays = {k: f[k] for k in keys if k in found}
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read '{path}' as .npz ({e}): pass an .npz with {', '.join(keys)}") from e
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise DataError(f"'{path}' lacks {missing} (has {found}): an .npz needs arrays {', '.join(keys)}")
     return tuple(arrays[k] for k in keys)
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Images stored as concatenated JPEG files: image i is blob[offsets[i]:offsets[i + 1]].
+
+    This is the layout of the offline CIFAR-10 copy (``cifar10_jpeg.npz``); decoding needs Pillow.
+    """
+    import io
+
+    from PIL import Image
+
+    data = blob.tobytes()
+    return np.stack([np.asarray(Image.open(io.BytesIO(data[a:b])).convert("RGB"))
+                     for a, b in zip(offsets[:-1], offsets[1:])])
 
 
 class _CifarUnpickler(pickle.Unpickler):

@@ -370,3 +370,33 @@ def test_real_cifar10_stats_and_pixels() -> None:
     np.testing.assert_allclose(ds.std, (0.2470, 0.2435, 0.2616), atol=0.02)
     with pytest.raises(DataError, match=r"lacks \['x_test', 'y_test'\]"):
         load_dataset("cifar10", str(path))
+
+
+def test_npz_of_jpeg_bytes_is_decoded(tmp_path):
+    """The offline CIFAR-10 copy's layout: concatenated JPEG files with offsets and labels."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def encode(n):
+        imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        imgs[:] = imgs.mean(axis=(1, 2), keepdims=True).astype(np.uint8)  # flat colours survive JPEG
+        blobs = []
+        for im in imgs:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="JPEG", quality=95)
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        return imgs, np.concatenate(blobs), np.cumsum([0] + [len(b) for b in blobs])
+
+    xtr, btr, otr = encode(6)
+    xte, bte, ote = encode(3)
+    path = tmp_path / "jpeg.npz"
+    np.savez(path, train_jpeg=btr, train_offsets=otr, train_labels=np.arange(6) % 10,
+             test_jpeg=bte, test_offsets=ote, test_labels=np.arange(3))
+    ds = load_dataset("cifar10", str(path))
+    assert ds.x_train.shape == (6, 32, 32, 3) and ds.x_test.shape == (3, 32, 32, 3)
+    assert np.abs(ds.x_train.astype(int) - xtr).max() <= 3 and np.abs(ds.x_test.astype(int) - xte).max() <= 3
+    np.testing.assert_array_equal(ds.y_train, np.arange(6))
+    assert ds.num_classes == 10

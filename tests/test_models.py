@@ -196,11 +196,12 @@ def test_bfloat16_compute_with_float32_params(name, overrides, cifar_batch):
     assert jnp.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("impl", ["slice_dot", "hybrid"])
 @pytest.mark.parametrize("name,overrides", SMALL)
-def test_conv_implementations_agree(name, overrides, cifar_batch):
+def test_conv_implementations_agree(name, overrides, impl, cifar_batch):
     x = jnp.asarray(cifar_batch[0][:4])
     xla = ar.create_model(name, num_classes=10, conv_impl="xla", **overrides)
-    sd = ar.create_model(name, num_classes=10, conv_impl="slice_dot", **overrides)
+    sd = ar.create_model(name, num_classes=10, conv_impl=impl, **overrides)
     v = xla.init(jax.random.key(0), x, train=False)
     v = {**v, "params": _set_skip(v["params"], 0.7)}
     np.testing.assert_allclose(sd.apply(v, x, train=False), xla.apply(v, x, train=False), rtol=2e-4, atol=2e-5)
