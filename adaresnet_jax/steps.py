@@ -1,0 +1,211 @@
+"""The train and eval steps: one jit-compiled data-parallel update over a 1-D "data" mesh.
+
+Public API (``adaresnet_jax.train`` re-exports it; ``benchmarks/`` time ``on_batch``/``on_dataset``)::
+
+    from adaresnet_jax.optim import make_optimizer
+    mesh = make_mesh()                        # 1-D mesh "data" over every device of every process
+    tx, schedule = make_optimizer(cfg, steps_per_epoch)
+    state = create_state(model, tx, (H, W, C), seed=0, mesh=mesh)   # {"step", "params", "batch_stats", "opt_state"}
+    steps = make_train_step(model, tx, mesh=mesh, mean=(...), std=(...), crop_pad=4, flip=True,
+                            label_smoothing=0.1, dtype=jnp.float32, seed=0)
+    state, m = steps.on_batch(state, images_uint8, labels, key)   # a given global batch (B, H, W, C)
+    perm = make_epoch_permutation(seed, N, B, mesh)(epoch)        # (N // B, B) int32 on device
+    state, m = steps.on_dataset(state, x_all, y_all, perm)        # batch perm[step % (N // B)], gathered inside
+    ev = make_eval_step(model, mesh=mesh, mean=(...), std=(...), dtype=jnp.float32)
+    sums = ev(state, images_uint8, labels, mask)                  # {"loss", "correct", "count"}, summed
+
+``m`` is ``{"loss": mean loss, "correct": count, "finite": loss and update finite}``; both steps
+donate ``state``. ``B`` must be a multiple of the device count. Under ``on_dataset`` everything depends only
+on (seed, global step): the permutation of epoch ``e`` comes from ``fold_in(fold_in(key(seed), 1), e)``,
+the augmentation of step ``s`` from ``fold_in(fold_in(key(seed), 2), s)``, the initialisation from
+``key(seed, impl="rbg")``; so a resumed run on CPU ends with the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from adaresnet_jax.data import augment, normalize
+
+State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- mesh and arrays
+
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh with axis "data" over ``devices`` (default: all devices of all processes), Auto axes."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicate(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A host array (the same on every process) as a global array replicated on every device of ``mesh``."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
+
+
+def shard_batch(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A host array (the same global batch on every process) split along axis 0 over the "data" axis."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")), lambda idx: x[idx])
+
+
+# ----------------------------------------------------------------------------- state and steps
+
+def _key(seed: int, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def create_state(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...], *,
+                 seed: int, mesh: jax.sharding.Mesh) -> State:
+    """{"step": int32, "params", "batch_stats", "opt_state"}, created replicated on ``mesh``.
+
+    The initialisation key is an RBG key (``jax.random.key(seed, impl="rbg")``): with threefry, XLA on
+    CPU takes ~45 s to compile a ResNet-20's initialisation (one unrolled threefry per kernel), with
+    RBG ~3 s. Same seed, same parameters on the same backend.
+    """
+    return jax.jit(_init_fn(model, tx, image_shape, seed), out_shardings=NamedSharding(mesh, P()))()
+
+
+def abstract_state(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...], *,
+                   mesh: jax.sharding.Mesh) -> State:
+    """create_state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), computing nothing."""
+    repl = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        jax.eval_shape(_init_fn(model, tx, image_shape, 0)))
+
+
+def _init_fn(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+             seed: int) -> Callable[[], State]:
+    def init() -> State:
+        key = jax.random.key(seed, impl="rbg")
+        v = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return {"step": jnp.zeros((), jnp.int32), "params": v["params"], "batch_stats": v["batch_stats"],
+                "opt_state": tx.init(v["params"])}
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The two entry points of one update (both jitted, state donated, same computation).
+
+    on_batch(state, images_uint8 (B, H, W, C), labels (B,), key) -> (state, metrics)
+    on_dataset(state, x_all uint8 (N, H, W, C), y_all (N,), perm int32 (S, B)) -> (state, metrics):
+      gathers batch ``perm[state["step"] % S]`` on device; augmentation key from (seed, step).
+    """
+
+    on_batch: Callable[..., tuple[State, dict[str, jax.Array]]]
+    on_dataset: Callable[..., tuple[State, dict[str, jax.Array]]]
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
+                    mean: tuple[float, ...], std: tuple[float, ...], crop_pad: int = 0, flip: bool = False,
+                    label_smoothing: float = 0.0, dtype: Any = jnp.float32, seed: int = 0) -> TrainStep:
+    """The train step: augment + normalise (in the step), forward, backward, optimizer, BN statistics.
+
+    The batch is constrained to the "data" axis, so BatchNorm statistics and the loss are over the
+    global batch whatever the device count. ``crop_pad=0, flip=False`` disables augmentation.
+    """
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    num_classes = model.num_classes
+
+    def update(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
+        images = jax.lax.with_sharding_constraint(images, data)
+        labels = jax.lax.with_sharding_constraint(labels, data)
+        if crop_pad or flip:
+            images = augment(key, images, crop_pad=crop_pad, flip=flip)
+        x = normalize(images, mean, std, dtype)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+        def loss_fn(params):
+            logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
+                                      train=True, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy(logits, targets).mean(), (logits, new["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                     "batch_stats": batch_stats, "opt_state": opt_state}
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
+        return new_state, {"loss": loss, "correct": correct, "finite": finite}
+
+    def from_dataset(state: State, x_all: jax.Array, y_all: jax.Array, perm: jax.Array):
+        idx = jax.lax.dynamic_index_in_dim(perm, state["step"] % perm.shape[0], keepdims=False)
+        idx = jax.lax.with_sharding_constraint(idx, data)  # each device gathers its own slice
+        images, labels = jnp.take(x_all, idx, axis=0, mode="clip"), jnp.take(y_all, idx, axis=0, mode="clip")
+        return update(state, images, labels, jax.random.fold_in(_key(seed, 2), state["step"]))
+
+    return TrainStep(
+        on_batch=jax.jit(update, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
+                         donate_argnums=(0,)),
+        on_dataset=jax.jit(from_dataset, in_shardings=(repl,) * 4, out_shardings=(repl, repl),
+                           donate_argnums=(0,)))
+
+
+def make_eval_step(model: Any, *, mesh: jax.sharding.Mesh, mean: tuple[float, ...], std: tuple[float, ...],
+                   dtype: Any = jnp.float32) -> Callable[..., dict[str, jax.Array]]:
+    """eval(state, images_uint8 (B, ...), labels (B,), mask (B,) bool) -> summed {"loss", "correct", "count"}."""
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def ev(state: State, images: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+        x = normalize(images, mean, std, dtype)
+        logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        m = mask.astype(jnp.float32)
+        return {"loss": jnp.sum(loss * m), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
+                "count": jnp.sum(mask, dtype=jnp.int32)}
+
+    return jax.jit(ev, in_shardings=(repl, data, data, data), out_shardings=repl)
+
+
+def make_epoch_permutation(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
+    """epoch -> (n // batch_size, batch_size) int32 replicated: epoch ``e``'s shuffled batches (the rest dropped)."""
+    steps = n // batch_size
+
+    @jax.jit
+    def perm(epoch: jax.Array) -> jax.Array:
+        p = jax.random.permutation(jax.random.fold_in(_key(seed, 1), epoch), n)
+        return p[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+    return lambda epoch: perm(replicate(np.int32(epoch), mesh))
+
+
+class Evaluator:
+    """Every example of each split exactly once: padded to whole batches (masked), resident on device."""
+
+    def __init__(self, eval_step: Callable[..., Any], splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                 batch_size: int, mesh: jax.sharding.Mesh) -> None:
+        self.eval_step, self.batches = eval_step, {}
+        for name, (x, y) in splits.items():
+            if len(x) == 0:
+                continue
+            pad = -len(x) % batch_size
+            xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            yp = np.concatenate([y, np.zeros(pad, y.dtype)]).astype(np.int32)
+            mask = np.arange(len(xp)) < len(x)
+            self.batches[name] = [tuple(shard_batch(a[i:i + batch_size], mesh) for a in (xp, yp, mask))
+                                  for i in range(0, len(xp), batch_size)]
+
+    def compile(self, state: State) -> None:
+        """Compiles the eval step ahead of time for ``state``'s shardings (so no evaluation is timed with it)."""
+        first = next(iter(self.batches.values()), None)  # every batch has the same shape
+        if first:
+            self.eval_step = self.eval_step.lower(state, *first[0]).compile()
+
+    def __call__(self, state: State) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for name, batches in self.batches.items():
+            sums = [self.eval_step(state, *b) for b in batches]
+            tot = jax.device_get(jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums))
+            out[f"{name}_loss"] = float(tot["loss"]) / int(tot["count"])
+            out[f"{name}_acc"] = float(tot["correct"]) / int(tot["count"])
+        return out

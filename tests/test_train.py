@@ -1,0 +1,416 @@
+"""The trainer: config/CLI, optimizer masks, the step, full runs, resume, SIGTERM, bad input, 8 devices.
+
+All runs are tiny (model "tiny", a few hundred digits, a couple of epochs); the quick-preset accuracy
+test is the one ~1 min test (marked slow, still run by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
+
+from adaresnet_jax import train as T
+from adaresnet_jax.config import PRESETS, Config, build_parser, parse_config
+from adaresnet_jax.metrics import EPOCH_KEYS
+from adaresnet_jax.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
+        "--quiet", "--eval-batch-size", "128"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A persistent compilation cache for this module: the many tiny runs share their compiled steps."""
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+def final_params(workdir: Path) -> tuple[int, dict]:
+    """(step, params) of the latest checkpoint of a workdir, as numpy."""
+    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    step = mngr.latest_step()
+    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    mngr.close()
+    return step, jax.tree.map(np.asarray, state["params"])
+
+
+def assert_trees_equal(a: dict, b: dict) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA compilations (jax.monitoring events) inside the block: [n]."""
+    n = [0]
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if "backend_compile" in event:
+            n[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def tfds_mock(num_examples: int):
+    """tfds.testing.mock_data for tfds.data_source, with tests/test_data.py's patch for batched reads."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mocking, "_getitems", lambda record_keys, generator, serialized=False:
+                   [generator[k] for k in record_keys])
+        with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
+            yield
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+def test_presets_and_flags_override() -> None:
+    paper = parse_config(["--preset", "paper"])
+    assert paper == PRESETS["paper"]
+    assert (paper.model, paper.skip, paper.optimizer, paper.lr, paper.batch_size, paper.epochs) == \
+        ("paper", "learned", "adam", 1e-3, 32, 10)
+    assert (paper.schedule, paper.normalize, paper.augment, paper.weight_decay, paper.label_smoothing) == \
+        ("constant", False, False, 0.0, 0.0)
+    cifar = PRESETS["cifar"]
+    assert (cifar.optimizer, cifar.nesterov, cifar.schedule, cifar.augment, cifar.crop_pad, cifar.flip) == \
+        ("sgd", True, "cosine", True, 4, True)
+    c = parse_config(["--preset", "cifar", "--skip", "identity", "--batch-size", "256", "--no-augment",
+                      "--max-train", "none", "--skip-init", "0.5", "--dtype", "bfloat16"])
+    assert (c.skip, c.batch_size, c.augment, c.model, c.skip_init, c.dtype) == \
+        ("identity", 256, False, "resnet18_cifar", 0.5, "bfloat16")
+    assert parse_config([]) == Config() == PRESETS["quick"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Config("quick")  # type: ignore[misc]  # keyword-only
+
+
+def test_help_documents_every_field() -> None:
+    text = build_parser().format_help()
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in text
+    for action in build_parser()._actions:
+        assert action.help, action.dest
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "--batch-size" in out.stdout and "--no-normalize" in out.stdout
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def test_weight_decay_and_skip_lr_masks() -> None:
+    model = create_model("tiny", num_classes=3)
+    params = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+    decayed = {"/".join(str(k.key) for k in p) for p, v in jax.tree_util.tree_leaves_with_path(T.decay_mask(params))
+               if v}
+    assert decayed and all(name.endswith("kernel") for name in decayed)
+    cfg = Config(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, skip_lr_mult=10.0, schedule="constant")
+    tx, _ = T.make_optimizer(cfg, 10)
+    grads = jax.tree.map(jnp.zeros_like, params)  # zero gradient: only weight decay moves anything
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for path, u in jax.tree_util.tree_leaves_with_path(updates):
+        name = path[-1].key
+        p = params
+        for k in path:
+            p = p[k.key]
+        expected = -0.1 * 0.5 * p if name == "kernel" else jnp.zeros_like(p)
+        np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=name)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx, _ = T.make_optimizer(dataclasses.replace(cfg, weight_decay=0.0), 10)
+    updates, _ = tx.update(grads, tx.init(params))
+    np.testing.assert_allclose(updates["stage1_block1"]["skip"]["skip_weight"], [-1.0], rtol=1e-6)  # 0.1 * 10
+    np.testing.assert_allclose(updates["head"]["bias"], -0.1 * np.ones(3), rtol=1e-6)
+
+
+def test_schedules() -> None:
+    lr = lambda **kw: T.make_schedule(Config(lr=1.0, epochs=4, **kw), 10)  # noqa: E731  (40 steps)
+    cos = lr(schedule="cosine", warmup_epochs=1)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(40)) == pytest.approx(0.0)
+    step = lr(schedule="step")
+    assert [float(step(s)) for s in (19, 20, 29, 30)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+    assert float(lr(schedule="constant")(33)) == 1.0
+    one = lr(schedule="onecycle")
+    assert max(float(one(s)) for s in range(40)) == pytest.approx(1.0, rel=1e-2) and float(one(0)) < 0.1
+
+
+# ----------------------------------------------------------------------------- the step
+
+def test_step_deterministic_and_gather_matches_given_batch() -> None:
+    mesh = T.make_mesh()
+    model = create_model("tiny", num_classes=10)
+    cfg = Config(model="tiny", schedule="constant")
+    tx, _ = T.make_optimizer(cfg, 4)
+    rng = np.random.default_rng(0)
+    x_all = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    y_all = rng.integers(0, 10, 40).astype(np.int32)
+    steps = T.make_train_step(model, tx, mesh=mesh, mean=(0.3,), std=(0.2,), seed=3)
+    perm = T.make_epoch_permutation(3, 40, 8, mesh)(0)
+    assert perm.shape == (5, 8) and len(np.unique(np.asarray(perm))) == 40
+    key, state0 = jax.random.key(1), T.create_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
+    fresh = lambda: jax.tree.map(jnp.copy, state0)  # noqa: E731  (the steps donate their state)
+    a, ma = steps.on_batch(fresh(), x_all[np.asarray(perm[0])], y_all[np.asarray(perm[0])], key)
+    b, mb = steps.on_batch(fresh(), x_all[np.asarray(perm[0])], y_all[np.asarray(perm[0])], key)
+    c, mc = steps.on_dataset(fresh(), T.replicate(x_all, mesh), T.replicate(y_all, mesh), perm)
+    assert int(a["step"]) == 1 and bool(ma["finite"])
+    for other, m in ((b, mb), (c, mc)):  # no augmentation: the same batch gives the same update
+        assert float(m["loss"]) == float(ma["loss"])
+        assert_trees_equal(jax.device_get(other["params"]), jax.device_get(a["params"]))
+
+
+# ----------------------------------------------------------------------------- full runs
+
+@pytest.fixture(scope="module")
+def mocked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch bf16 run on mocked TFDS cifar10 (random 32x32x3 images), with a validation split."""
+    wd = tmp_path_factory.mktemp("mocked")
+    (wd / "tfds").mkdir()
+    with tfds_mock(num_examples=96):
+        rc = T.main(["--model", "tiny", "--dataset", "cifar10", "--data-dir", str(wd / "tfds"), "--epochs", "2",
+                     "--batch-size", "16", "--val-split", "0.25", "--augment", "--dtype", "bfloat16", "--quiet",
+                     "--workdir", str(wd)])
+    assert rc == 0
+    return wd
+
+
+def test_run_outputs(mocked_run: Path) -> None:
+    rows = [json.loads(line) for line in (mocked_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [4, 8]  # 72 // 16 steps
+    for r in rows:
+        assert set(r) == set(EPOCH_KEYS)
+        assert set(r["skip_weights"]) == {"stage1/block1", "stage2/block1"}
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and r["images_per_sec"] > 0
+    s = json.loads((mocked_run / "summary.json").read_text())
+    for key in ("test_acc", "test_acc_at_best_val", "best_val_acc", "best_val_epoch", "config", "versions",
+                "devices", "wall_time_s", "compile_time_s", "first_step_time_s", "images_per_sec", "skip_weights"):
+        assert key in s, key
+    assert s["test_acc"] == rows[-1]["test_acc"] and s["finished"]
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert s["test_acc_at_best_val"] == best["test_acc"] and s["best_val_epoch"] == best["epoch"]
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "python"} <= set(s["versions"])
+    assert s["config"]["dataset"] == "cifar10" and s["config"]["dtype"] == "bfloat16"
+    assert s["devices"]["count"] == jax.device_count()
+    for png in ("curves.png", "skip_weights.png"):
+        assert (mocked_run / png).read_bytes()[:4] == b"\x89PNG"
+    assert list((mocked_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((mocked_run / "config.json").read_text())["model"] == "tiny"
+    assert [p.name for p in (mocked_run / "checkpoints").iterdir()] and [p.name for p in (mocked_run / "best").iterdir()]
+
+
+def test_eval_only_reproduces_summary(mocked_run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    with tfds_mock(num_examples=96):  # only --workdir (and --data-dir): the run's config comes from the workdir
+        assert T.main(["--eval-only", "--workdir", str(mocked_run), "--data-dir", str(mocked_run / "tfds")]) == 0
+    result = json.loads((mocked_run / "eval_latest.json").read_text())
+    summary = json.loads((mocked_run / "summary.json").read_text())
+    assert result["step"] == summary["step"] and result["test_acc"] == summary["test_acc"]
+    assert result["val_acc"] == summary["val_acc"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_acc"] == summary["test_acc"]
+    with tfds_mock(num_examples=96):
+        assert T.main(["--eval-only", "--eval-from", "best", "--workdir", str(mocked_run),
+                       "--data-dir", str(mocked_run / "tfds")]) == 0
+    best = json.loads((mocked_run / "eval_best.json").read_text())
+    assert best["step"] == 4 * summary["best_val_epoch"] and best["val_acc"] == summary["best_val_acc"]
+    assert best["test_acc"] == summary["test_acc_at_best_val"]
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """2 epochs in A; in B 1 epoch, then the same command with --epochs 2 (constant schedule, so the
+    first epoch is the same run), and in C --stop-after-epochs 1 then the plain command (cosine)."""
+    flags = TINY + ["--augment", "--schedule", "constant", "--seed", "5"]
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "a")]) == 0
+    assert T.main(flags + ["--epochs", "1", "--workdir", str(tmp_path / "b")]) == 0
+    assert final_params(tmp_path / "b")[0] == 8
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "b")]) == 0
+    step_a, pa = final_params(tmp_path / "a")
+    step_b, pb = final_params(tmp_path / "b")
+    assert step_a == step_b == 16
+    assert_trees_equal(pa, pb)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    summary = (tmp_path / "b" / "summary.json").read_text()
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "b")]) == 0  # finished: nothing to do
+    assert (tmp_path / "b" / "summary.json").read_text() == summary and final_params(tmp_path / "b")[0] == 16
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path: Path) -> None:
+    flags = TINY + ["--augment", "--schedule", "cosine", "--epochs", "15", "--batch-size", "8",
+                    "--max-train", "128", "--seed", "2"]
+    wd = tmp_path / "run"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--workdir", str(wd)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.isdigit() for p in (wd / "checkpoints").glob("*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "rerun the same command" in err
+    step, _ = final_params(wd)
+    assert 0 < step < 15 * 16, "the run should have been stopped early"
+    assert T.main(flags + ["--workdir", str(wd)]) == 0  # the same command resumes and completes
+    assert T.main(flags + ["--workdir", str(tmp_path / "ref")]) == 0
+    (s1, p1), (s2, p2) = final_params(wd), final_params(tmp_path / "ref")
+    assert s1 == s2 == 15 * 16
+    assert_trees_equal(p1, p2)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = T.main(TINY + ["--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "non-finite" in err and "step" in err and "last good checkpoint: none" in err
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("argv, match", [
+    (["--preset", "nope"], "invalid choice"),
+    (["--model", "resnet9000"], "invalid choice"),
+    (["--optimizer", "rmsprop"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized"),
+    (["--epochs", "0"], "epochs"),
+    (["--lr", "abc"], "--lr"),
+    (["--val-split", "1.5"], "val_split"),
+])
+def test_bad_flags_exit_2(argv: list[str], match: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and match in err and "\n" not in err
+
+
+@pytest.mark.parametrize("case", ["dataset", "data_dir", "batch_too_big", "unwritable", "other_config"])
+def test_bad_input_exit_2_before_compile(case: str, tmp_path: Path, mocked_run: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    argv = {
+        "dataset": TINY + ["--dataset", "no_such_dataset_xyz", "--workdir", str(tmp_path)],
+        "data_dir": TINY + ["--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--workdir", str(tmp_path)],
+        "batch_too_big": TINY + ["--max-train", "16", "--workdir", str(tmp_path)],
+        "unwritable": TINY + ["--workdir", str(tmp_path / "file" / "sub")],
+        "other_config": ["--model", "resnet20", "--dataset", "cifar10", "--workdir", str(mocked_run)],
+    }[case]
+    (tmp_path / "file").write_text("not a folder")
+    before = {p: p.stat().st_mtime_ns for p in mocked_run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with count_compiles() as n:
+        rc = T.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("train.py: error:") and "\n" not in err, err
+    assert n[0] == 0, "bad input must be reported before any compile"
+    assert before == {p: p.stat().st_mtime_ns for p in mocked_run.rglob("*") if p.is_file()}  # nothing overwritten
+    if case == "other_config":
+        assert "another config" in err and "model" in err
+
+
+# ----------------------------------------------------------------------------- 8 devices
+
+EIGHT_DEVICES = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from adaresnet_jax import train as T
+from adaresnet_jax.config import Config
+from adaresnet_jax.models import create_model
+assert jax.device_count() == 8
+model = create_model("tiny", num_classes=10)
+tx, _ = T.make_optimizer(Config(optimizer="sgd", lr=0.1), 10)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8); y = rng.integers(0, 10, 32).astype(np.int32)
+out = {}
+for n in (1, 8):
+    mesh = T.make_mesh(jax.devices()[:n])
+    steps = T.make_train_step(model, tx, mesh=mesh, mean=(0.3,), std=(0.2,), crop_pad=2, flip=True)
+    state = T.create_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
+    losses = []
+    for i in range(2):
+        state, m = steps.on_batch(state, x, y, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    out[n] = {"losses": losses, "params": [np.asarray(a).tolist() for a in jax.tree.leaves(state["params"])],
+              "stats": [np.asarray(a).tolist() for a in jax.tree.leaves(state["batch_stats"])]}
+out["bad_batch_rc"] = T.main(["--model", "tiny", "--batch-size", "12", "--quiet", "--workdir", WORKDIR])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(tmp_path: Path) -> None:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    code = f"WORKDIR = {str(tmp_path)!r}\n" + EIGHT_DEVICES
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(res["8"]["losses"], res["1"]["losses"], rtol=1e-5)
+    for a, b in zip(res["8"]["params"] + res["8"]["stats"], res["1"]["params"] + res["1"]["stats"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert res["bad_batch_rc"] == 2 and "not divisible by the 8 devices" in out.stderr
+
+
+# ----------------------------------------------------------------------------- the quick preset
+
+@pytest.mark.slow
+def test_quick_preset_reaches_90_percent_on_digits(tmp_path: Path) -> None:
+    assert T.main(["--preset", "quick", "--workdir", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["config"]["dataset"] == "digits" and s["finished"]
+    assert s["test_acc"] >= 0.90, s["test_acc"]
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    """jax.distributed over 2 CPU processes (gloo collectives): the same metrics as one process."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    flags = TINY + ["--epochs", "2", "--augment"]
+    env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    procs = [subprocess.Popen([sys.executable, "train.py", *flags, "--workdir", str(tmp_path / "multi"),
+                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert T.main(flags + ["--workdir", str(tmp_path / "single")]) == 0
+    multi, single = (
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("multi", "single"))
+    for m, s in zip(multi, single, strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "test_loss", "test_acc"):
+            assert m[key] == pytest.approx(s[key], rel=1e-5), key
+    assert json.loads((tmp_path / "multi" / "summary.json").read_text())["devices"]["processes"] == 2
