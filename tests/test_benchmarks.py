@@ -1,0 +1,91 @@
+"""The benchmark scripts in their smallest configuration: outputs complete and well-formed.
+
+Speed is never asserted here; benchmarks/README.md has the measured numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import convergence  # noqa: E402
+import throughput  # noqa: E402
+
+import adaresnet_jax as ar  # noqa: E402
+
+
+def test_model_flops_are_counted_the_usual_way():
+    # 2 x multiply-adds of every conv and dense layer, padding positions included.
+    assert throughput.model_flops(ar.create_model("paper", num_classes=10), (32, 32, 3)) == 34_842_624
+    r18 = throughput.model_flops(ar.create_model("resnet18_cifar", num_classes=10), (32, 32, 3))
+    assert abs(r18 / 1.11e9 - 1) < 0.01
+    # torchvision's ResNet-50 at 224x224: 4.09 G multiply-adds (1000 classes).
+    r50 = throughput.model_flops(ar.create_model("resnet50", num_classes=1000), (224, 224, 3))
+    assert abs(r50 / 2 / 4.09e9 - 1) < 0.01
+
+
+def test_throughput_smallest_run(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    report = throughput.main(["--models", "tiny", "--skips", "identity,learned", "--conv-impl", "xla,hybrid",
+                              "--batch-sizes", "8", "--rounds", "2", "--steps", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert saved["backend"] == "cpu" and saved["peak_flops_per_s"] > 0 and "jax" in saved["versions"]
+    assert {(r["skip"], r["conv_impl"]) for r in saved["results"]} == {
+        (s, c) for s in ("identity", "learned") for c in ("xla", "hybrid")}
+    for r in saved["results"]:
+        assert len(r["train_images_per_s"]) == 2 and len(r["eval_images_per_s"]) == 2
+        assert all(v > 0 for v in r["train_images_per_s"] + r["eval_images_per_s"])
+        assert r["train"]["min"] <= r["train"]["median"] <= r["train"]["max"]
+        assert r["compile_train_s"] > 0 and r["model_flops_per_image"] > 0 and 0 < r["train_mfu"]
+        assert r["train_ratio_vs_identity"]["median"] > 0
+        if r["skip"] == "identity":
+            assert r["train_ratio_vs_identity"]["median"] == 1.0
+    table = capsys.readouterr().out
+    assert table.count("| tiny |") >= 4 and "train / identity" in table
+
+
+def test_throughput_rejects_bad_flags():
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--models", "resnet9000"])
+    assert e.value.code == 2
+
+
+def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["--preset", "quick", "--seeds", "2", "--out", str(out), "--targets", "0.2,0.99",
+            "--model", "tiny", "--epochs", "1", "--max-train", "128", "--max-test", "64", "--batch-size", "32"]
+    result = convergence.main(args)
+    for skip in ("identity", "learned"):
+        rule = result["rules"][skip]
+        assert len(rule["test_acc"]) == 2 and all(0 <= a <= 1 for a in rule["test_acc"])
+        assert rule["images_per_sec"] > 0 and [t["target"] for t in rule["reach"]] == [0.2, 0.99]
+        for seed in range(2):
+            assert (out / f"{skip}-seed{seed}" / "summary.json").exists()
+    assert result["rules"]["identity"]["skip_weights"] == {}
+    assert set(result["rules"]["learned"]["skip_weights"]) == {"stage1/block1", "stage2/block1"}
+    w = result["rules"]["learned"]["vs_base"]
+    assert math.isfinite(w["diff"]) and (w["lo"] <= w["diff"] <= w["hi"] or math.isnan(w["lo"]))
+    for name in ("convergence.json", "convergence.md", "accuracy.png", "skip_weights.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| learned |" in (out / "convergence.md").read_text()
+    # A finished sweep is not trained again: rerunning only rebuilds the report.
+    mtimes = {p: p.stat().st_mtime for p in out.glob("*/summary.json")}
+    again = convergence.main(args)
+    assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == mtimes
+    assert again["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+
+
+def test_welch_interval_matches_scipy():
+    from scipy import stats
+
+    a, b = [0.80, 0.82, 0.81, 0.79], [0.84, 0.83, 0.86, 0.85]
+    w = convergence.welch(a, b)
+    assert w["p"] == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    assert w["lo"] < w["diff"] < w["hi"] and w["diff"] == pytest.approx(0.04)
