@@ -34,7 +34,7 @@ from adaresnet_jax.models import MODEL_NAMES, SKIP_RULES
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step", "onecycle"]
 DType = Literal["float32", "bfloat16"]
-ConvImpl = Literal["auto", "xla", "slice_dot"]
+ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid"]
 EvalFrom = Literal["latest", "best"]
 
 # Fields that may differ between a run and its resumption (they do not change the trained model).
@@ -61,7 +61,7 @@ class Config:
     skip: str = _f("learned", "residual rule: identity (ResNet), learned (AdaResNet), rezero", choices=SKIP_RULES)
     skip_init: float | None = _f(None, "initial skip weight (none: the network's default, 0 for AdaResNet)")
     width: int | None = _f(8, "width of the first stage (num_filters); none: the network's default")
-    conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: slice_dot on CPU, xla elsewhere)")
+    conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: hybrid on CPU, xla elsewhere; see adaresnet_jax.conv)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32")
     # data
     dataset: str = _f("digits", "digits, npz, cifar10, cifar100 or a TFDS image-classification name")

@@ -363,8 +363,9 @@ def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=j
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
     if mean_a.shape not in ((), (x.shape[-1],)) or std_a.shape not in ((), (x.shape[-1],)):
         raise DataError(f"mean/std shapes {mean_a.shape}/{std_a.shape} do not match {x.shape[-1]} channels")
-    scale = 1.0 / (255.0 * std_a)
-    return (x.astype(jnp.float32) * scale - mean_a / std_a).astype(dtype)
+    bcast = (1,) * (x.ndim - 1) + (-1,)  # explicit, so jax_numpy_rank_promotion="raise" code can call it
+    scale, shift = (1.0 / (255.0 * std_a)).reshape(bcast), (mean_a / std_a).reshape(bcast)
+    return (x.astype(jnp.float32) * scale - shift).astype(dtype)
 
 
 def augment(key: jax.Array, x: jax.Array, *, crop_pad: int = 4, flip: bool = True) -> jax.Array:

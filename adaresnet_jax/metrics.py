@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,17 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def _writer(self):  # noqa: ANN202
+        """The TensorBoard writer, or None where tensorboardX is not installed (a lean GPU image)."""
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-        return self._tb
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("warning: tensorboardX is not installed: no TensorBoard event files "
+                      "(metrics.jsonl has every number)", file=sys.stderr)
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        return self._tb or None
 
     def epoch(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -74,6 +81,8 @@ class RunLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         tb, step = self._writer(), row["step"]
+        if tb is None:
+            return
         for k, v in row.items():
             if k not in ("epoch", "step", "skip_weights") and v is not None:
                 tb.add_scalar(k, v, step)
@@ -83,7 +92,7 @@ class RunLog:
         tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
+        if self._tb:
             self._tb.close()
             self._tb = None
 

@@ -292,17 +292,21 @@ def _per(x: float | None, batch: int) -> float | None:
 
 def table(rows: list[dict[str, Any]], base: str, impl0: str) -> str:
     """Markdown table: images/s median [min-max], ratios, compile time, FLOPs and MFU."""
-    lines = [f"| model | skip | conv | batch | train img/s | train / {base} | eval img/s | eval / {base} "
-             f"| compile s | MFLOP/img | XLA MFLOP/img | train MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    impls = len({r["conv_impl"] for r in rows}) > 1
+    lines = [f"| model | skip | conv | batch | train img/s | train / {base} | "
+             + (f"train / {impl0} | " if impls else "")
+             + f"eval img/s | eval / {base} | compile s | MFLOP/img | XLA MFLOP/img | train MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if impls else "")]
     for r in rows:
         t, e = r["train"], r["eval"]
         mfu = f"{100 * r['train_mfu']:.1f}%" if r["train_mfu"] else "-"
         xla = f"{r['xla_eval_flops_per_image'] / 1e6:.1f}" if r["xla_eval_flops_per_image"] else "-"
+        vs_impl = f"{r[f'train_ratio_vs_{impl0}']['median']:.2f} | " if impls else ""
         lines.append(
             f"| {r['model']} | {r['skip']} | {r['conv_impl']} | {r['batch']} "
-            f"| {t['median']:.0f} [{t['min']:.0f}-{t['max']:.0f}] | {r[f'train_ratio_vs_{base}']['median']:.3f} "
-            f"| {e['median']:.0f} [{e['min']:.0f}-{e['max']:.0f}] | {r[f'eval_ratio_vs_{base}']['median']:.3f} "
+            f"| {t['median']:.0f} [{t['min']:.0f}-{t['max']:.0f}] | {r[f'train_ratio_vs_{base}']['median']:.3f} | "
+            + vs_impl +
+            f"{e['median']:.0f} [{e['min']:.0f}-{e['max']:.0f}] | {r[f'eval_ratio_vs_{base}']['median']:.3f} "
             f"| {r['compile_train_s']:.1f} | {r['model_flops_per_image'] / 1e6:.2f} | {xla} | {mfu} |")
     return "\n".join(lines)
 

@@ -400,3 +400,10 @@ def test_npz_of_jpeg_bytes_is_decoded(tmp_path):
     assert np.abs(ds.x_train.astype(int) - xtr).max() <= 3 and np.abs(ds.x_test.astype(int) - xte).max() <= 3
     np.testing.assert_array_equal(ds.y_train, np.arange(6))
     assert ds.num_classes == 10
+
+
+def test_normalize_under_strict_rank_promotion():
+    x = jnp.arange(2 * 2 * 2 * 3, dtype=jnp.uint8).reshape(2, 2, 2, 3)
+    with jax.numpy_rank_promotion("raise"):
+        out = normalize(x, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+    np.testing.assert_allclose(out, (np.asarray(x) / 255.0 - [0.1, 0.2, 0.3]) / 0.5, rtol=1e-6)
