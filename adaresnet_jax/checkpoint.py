@@ -4,16 +4,39 @@ Layout of a workdir: ``config.json`` (the run's :class:`~adaresnet_jax.config.Co
 ``checkpoints/<step>/`` (the latest ``keep_checkpoints``, saved every ``checkpoint_every`` epochs, after
 the last epoch and on SIGTERM) and ``best/<step>/`` (one checkpoint, the best validation accuracy so
 far). The two managers are separate so keeping the best never deletes the newest.
+
+Crash safety. orbax writes each step into a temporary folder and renames it to ``<step>`` only when
+it is complete, so a process killed mid-write (SIGKILL, preemption) leaves no ``<step>`` folder; the
+next run removes the temporary one and resumes from the newest complete step. Every step also
+records, in its orbax step metadata (``_CHECKPOINT_METADATA``), the device and process count it was
+saved on and a CRC-32 of every array of the state; :meth:`Checkpoints.restore_latest` checks it after
+restoring. A step that fails to restore, lacks that metadata or does not match its checksum is
+reported on stderr by name, moved to ``<workdir>/corrupt_checkpoints/`` and skipped for the next
+older one; when none is left it raises :class:`NoGoodCheckpoint` (``train.py`` exits with code 2
+rather than silently starting over in a workdir that holds a run; rerunning the command then starts
+from step 0, since the corrupt steps are no longer in ``checkpoints/``). Checkpoints written before
+these checksums existed count as corrupt.
+
+Test hook (documented, off unless set): ``ADARESNET_TEST_COMMIT_DELAY="<step>:<seconds>"`` makes the
+save of step ``<step>`` sleep that long after its files are written and before the rename that
+commits it, so a test can SIGKILL a process while a checkpoint write is in progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from adaresnet_jax.config import RESUME_SAFE_FIELDS, Config
@@ -21,6 +44,52 @@ from adaresnet_jax.config import RESUME_SAFE_FIELDS, Config
 
 class IncompatibleWorkdir(ValueError):
     """The workdir belongs to a run with another configuration."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint step that cannot be restored or does not match its recorded checksum."""
+
+
+class NoGoodCheckpoint(RuntimeError):
+    """Every checkpoint step of a workdir is corrupt (each was reported and moved aside)."""
+
+
+def state_checksum(state: Any) -> int | None:
+    """CRC-32 over the bytes of every array of ``state`` (tree order), or None if some array is not
+    fully replicated (then no process holds all of it). Fetches one copy of each array to the host."""
+    crc = 0
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array):
+            if not leaf.sharding.is_fully_replicated:
+                return None
+            leaf = leaf.addressable_data(0)
+        crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+    return crc
+
+
+def _warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"train.py: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _commit_delay() -> tuple[int, float] | None:
+    spec = os.environ.get("ADARESNET_TEST_COMMIT_DELAY")
+    if not spec:
+        return None
+    step, seconds = spec.split(":")
+    return int(step), float(seconds)
+
+
+class _SlowCommitPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """AtomicRenameTemporaryPath whose commit of one step waits first (ADARESNET_TEST_COMMIT_DELAY)."""
+
+    async def finalize(self, *args: Any, **kwargs: Any) -> None:
+        import asyncio
+
+        delay = _commit_delay()
+        if delay is not None and self._final_path.name == str(delay[0]):
+            await asyncio.sleep(delay[1])
+        await super().finalize(*args, **kwargs)
 
 
 def config_diff(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
@@ -65,27 +134,39 @@ class Checkpoints:
     """
 
     def __init__(self, workdir: Path, *, keep: int = 2, with_best: bool = True, read_only: bool = False) -> None:
+        self.workdir = workdir
+        common: dict[str, Any] = {"create": not read_only, "cleanup_tmp_directories": not read_only}
+        if _commit_delay() is not None:
+            common["temporary_path_class"] = _SlowCommitPath
         self.latest = ocp.CheckpointManager(
             (workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only))
+            item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
         self.best = None
         if with_best:
             self.best = ocp.CheckpointManager(
-                (workdir / "best").absolute(),
+                (workdir / "best").absolute(), item_handlers=ocp.StandardCheckpointHandler(),
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1, best_fn=lambda m: m["val_acc"], best_mode="max",
-                    keep_checkpoints_without_metrics=False, create=not read_only))
+                    keep_checkpoints_without_metrics=False, **common))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    @staticmethod
+    def _metadata(state: Any) -> dict[str, Any]:
+        devices = jax.devices()
+        return {"devices": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
+                "crc32": state_checksum(state)}
+
     def save(self, step: int, state: Any) -> None:
-        self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.latest.save(step, args=ocp.args.StandardSave(state), force=True,
+                         custom_metadata=self._metadata(state))
 
     def save_best(self, step: int, state: Any, val_acc: float) -> None:
         if self.best is not None:
             self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_acc": float(val_acc)},
-                           force=True)
+                           force=True, custom_metadata=self._metadata(state))
 
     def best_val_acc(self) -> float | None:
         """Validation accuracy of the kept best checkpoint (None without one)."""
@@ -96,12 +177,76 @@ class Checkpoints:
         return None if not metrics else float(metrics["val_acc"])
 
     def restore(self, abstract_state: Any, *, which: str = "latest") -> tuple[int, Any]:
-        """(step, state) of the latest (or best) checkpoint, restored into ``abstract_state``'s shardings."""
+        """(step, state) of the latest (or best) checkpoint, restored into ``abstract_state``'s shardings.
+
+        Raises FileNotFoundError without one, CorruptCheckpoint if it is unreadable or fails its checksum.
+        """
         mngr = self.best if which == "best" else self.latest
         step = None if mngr is None else (mngr.best_step() if which == "best" else mngr.latest_step())
         if step is None:
             raise FileNotFoundError(f"no {which} checkpoint")
-        return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        state, _ = self._restore_step(mngr, step, abstract_state)
+        return step, state
+
+    def _restore_step(self, mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        path = Path(mngr.directory) / str(step)
+        try:
+            meta = dict(mngr.metadata(step).custom_metadata or {})
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpoint(f"{path}: unreadable step metadata ({type(e).__name__}: {e})") from e
+        if "crc32" not in meta:
+            raise CorruptCheckpoint(f"{path}: no checksum in its step metadata (_CHECKPOINT_METADATA)")
+        try:
+            state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for damaged files)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CorruptCheckpoint(f"{path}: restore failed ({type(e).__name__}: {first[:200]})") from e
+        if meta["crc32"] is not None and state_checksum(state) != meta["crc32"]:
+            raise CorruptCheckpoint(f"{path}: contents do not match the checksum recorded when it was saved")
+        return state, meta
+
+    def restore_latest(self, abstract_state: Any,
+                       say: Callable[[str], None] = _warn) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, metadata) of the newest good step, or None if there is no step at all.
+
+        Each corrupt step is reported on one stderr line (``say``) naming its path, moved to
+        ``<workdir>/corrupt_checkpoints/<step>`` (so it is never tried or overwritten again) and
+        skipped for the next older one. Raises NoGoodCheckpoint when every step is corrupt.
+        """
+        bad = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                state, meta = self._restore_step(self.latest, step, abstract_state)
+            except CorruptCheckpoint as e:
+                bad.append(step)
+                moved = self._move_aside(step)
+                say(f"corrupt checkpoint step {step} skipped: {e}; moved to {moved}")
+                continue
+            if bad:
+                self.latest.reload()
+            return step, state, meta
+        if bad:
+            self.latest.reload()
+            raise NoGoodCheckpoint(
+                f"no readable checkpoint left in {self.workdir / 'checkpoints'} (corrupt steps "
+                f"{', '.join(map(str, bad))} moved to {self.workdir / 'corrupt_checkpoints'}): "
+                "rerun the same command to start over from step 0, or use another --workdir")
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        dest = self.workdir.absolute() / "corrupt_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(self.latest.directory) / str(step)), str(dest))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"adaresnet_move_corrupt_{step}")
+        return dest
 
     def wait(self) -> None:
         self.latest.wait_until_finished()

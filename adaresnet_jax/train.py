@@ -9,7 +9,11 @@ see :mod:`adaresnet_jax.metrics` and :mod:`adaresnet_jax.checkpoint`.
 
 Exit codes of ``main``: 0 finished (or stopped by SIGTERM after saving a checkpoint), 1 the loss
 became non-finite (nothing saved from the bad state), 2 bad input (one line on stderr, before any
-compile).
+compile) or a workdir whose every checkpoint is corrupt (each is reported, by path, on its own
+warning line and moved to ``<workdir>/corrupt_checkpoints/``; a corrupt newest step is skipped for
+the previous good one). A run killed at any point (SIGKILL, preemption) resumes from its newest
+complete checkpoint when the same command is rerun; a checkpoint saved on another device count is
+restored onto the current devices, and the run says so.
 """
 
 from __future__ import annotations
@@ -162,8 +166,18 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
         if cfg.eval_only:
             return _eval_only(cfg, ckpts, abstract, evaluator, workdir, proc0)
-        if ckpts.latest_step() is not None:
-            start_step, state = ckpts.restore(abstract)
+        try:
+            restored = ckpts.restore_latest(abstract)
+        except ckpt_lib.NoGoodCheckpoint as e:
+            raise UsageError(str(e)) from None
+        if restored is not None:
+            start_step, state, saved_on = restored
+            n, procs, n_procs = saved_on.get("devices", n_dev), saved_on.get("processes", 1), jax.process_count()
+            if proc0 and (n, procs) != (n_dev, n_procs):  # orbax re-shards onto the current mesh
+                print(f"train.py: restored a checkpoint saved on {n} device{'s' * (n != 1)}"
+                      f"{f' in {procs} processes' if procs != 1 else ''} onto {n_dev} device{'s' * (n_dev != 1)}"
+                      f"{f' in {n_procs} processes' if n_procs != 1 else ''} (step {start_step})",
+                      file=sys.stderr, flush=True)
         else:
             start_step, state = 0, create_state(model, tx, ds.image_shape, seed=cfg.seed, mesh=mesh)
         ckpt_lib.write_config(workdir, cfg)
@@ -179,6 +193,8 @@ def _eval_only(cfg: Config, ckpts: ckpt_lib.Checkpoints, abstract: State, evalua
         step, state = ckpts.restore(abstract, which=cfg.eval_from)
     except FileNotFoundError:
         raise UsageError(f"--eval-only: workdir '{workdir}' has no {cfg.eval_from} checkpoint") from None
+    except ckpt_lib.CorruptCheckpoint as e:
+        raise UsageError(f"--eval-only: corrupt {cfg.eval_from} checkpoint {e}") from None
     result = {"checkpoint": cfg.eval_from, "step": int(step), **evaluator(state),
               "skip_weights": skip_values(jax.device_get(skip_weights(state["params"])))}
     if proc0:
