@@ -9,7 +9,6 @@ The kill time of the mid-epoch SIGKILL is random; its seed is printed (set FAULT
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -23,10 +22,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from adaresnet_jax import train as T
+from helpers import compilation_cache, count_compiles, final_params  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 training digits, batch 32: 8 steps an epoch, 3 epochs, cosine schedule.
@@ -39,15 +38,6 @@ SGD_FLAGS = FLAGS + ["--optimizer", "sgd", "--lr", "0.05"]
 # For the SIGKILL tests: longer epochs (64 steps of 8), so a random kill time mostly lands inside one.
 KILL_FLAGS = ["--model", "tiny", "--width", "4", "--max-train", "512", "--max-test", "100", "--batch-size", "8",
               "--quiet", "--eval-batch-size", "128", "--augment", "--seed", "4", "--epochs", "6"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A persistent compilation cache for this module and its subprocesses."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
 
 
 def env_for(devices: int = 1, **extra: str) -> dict[str, str]:
@@ -74,17 +64,6 @@ def complete_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def final_params(workdir: Path) -> tuple[int, dict]:
-    """(step, params) of the latest checkpoint of a workdir (saved on any device count), as numpy."""
-    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_handlers=ocp.StandardCheckpointHandler())
-    step = mngr.latest_step()
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), mngr.item_metadata(step))
-    state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    mngr.close()
-    return step, jax.tree.map(np.asarray, state["params"])
-
-
 def assert_same_params(workdir: Path, reference: tuple[int, dict], *, exact: bool = True) -> None:
     step, params = final_params(workdir)
     assert step == reference[0]
@@ -94,22 +73,6 @@ def assert_same_params(workdir: Path, reference: tuple[int, dict], *, exact: boo
             np.testing.assert_array_equal(a, b)
         else:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA compilations (jax.monitoring events) inside the block: [n]."""
-    n = [0]
-
-    def listener(event: str, duration: float, **kw) -> None:
-        if "backend_compile" in event:
-            n[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield n
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

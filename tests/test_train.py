@@ -19,7 +19,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
@@ -28,50 +27,11 @@ from adaresnet_jax import train as T
 from adaresnet_jax.config import PRESETS, Config, build_parser, parse_config
 from adaresnet_jax.metrics import EPOCH_KEYS
 from adaresnet_jax.models import create_model
+from helpers import assert_trees_equal, compilation_cache, count_compiles, final_params  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
         "--quiet", "--eval-batch-size", "128"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A persistent compilation cache for this module: the many tiny runs share their compiled steps."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
-
-
-def final_params(workdir: Path) -> tuple[int, dict]:
-    """(step, params) of the latest checkpoint of a workdir, as numpy."""
-    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
-    step = mngr.latest_step()
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
-    mngr.close()
-    return step, jax.tree.map(np.asarray, state["params"])
-
-
-def assert_trees_equal(a: dict, b: dict) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA compilations (jax.monitoring events) inside the block: [n]."""
-    n = [0]
-
-    def listener(event: str, duration: float, **kw) -> None:
-        if "backend_compile" in event:
-            n[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield n
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @contextlib.contextmanager
