@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -80,6 +83,11 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     again = convergence.main(args)
     assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == mtimes
     assert again["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+    # A report of identity skips alone (the seed's ResNet-50 baseline) has no skip-weight table.
+    assert "skip weights" in result["table"]
+    alone = convergence.main(args + ["--skips", "identity"])
+    assert "skip weights" not in alone["table"] and "| identity |" in alone["table"]
+    assert alone["rules"]["identity"]["test_acc"] == result["rules"]["identity"]["test_acc"]
 
 
 def test_welch_interval_matches_scipy():
@@ -89,3 +97,25 @@ def test_welch_interval_matches_scipy():
     w = convergence.welch(a, b)
     assert w["p"] == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
     assert w["lo"] < w["diff"] < w["hi"] and w["diff"] == pytest.approx(0.04)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    # benchmarks/gpu.sh has to work the first time it meets a GPU: SMOKE=1 runs every step of it
+    # (both throughput runs, the convergence run on a CIFAR-10-shaped npz, the summary) on CPU.
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (64, 32, 32, 3), np.uint8), y_train=rng.integers(0, 10, 64),
+             x_test=rng.integers(0, 256, (64, 32, 32, 3), np.uint8), y_test=rng.integers(0, 10, 64))
+    out = tmp_path / "gpu"
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "CIFAR10_NPZ": str(data)}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    proc = subprocess.run(["bash", str(script), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.split("===== summary =====")[1]
+    assert summary.count("| tiny |") == 2 + 6  # bf16: 2 skips; f32: 2 skips x 3 conv impls
+    assert "| learned |" in summary  # the convergence table
+    for name in ("throughput-bf16.json", "throughput-f32.json", "convergence/convergence.json"):
+        assert json.loads((out / name).read_text())
+    rows = json.loads((out / "throughput-bf16.json").read_text())["results"]
+    assert {r["dtype"] for r in rows} == {"bfloat16"} and {r["skip"] for r in rows} == {"identity", "learned"}
