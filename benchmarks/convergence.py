@@ -146,14 +146,15 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict
             cells.append(f"{statistics.fmean(e for e, _ in ok):.1f} / {statistics.fmean(x for _, x in ok):.1f} "
                          f"({rc['reached']}/{a.seeds})" if ok else f"never (0/{a.seeds})")
         lines.append(f"| {s} | {100 * m:.2f} +- {100 * sd:.2f} | {vs} | {best} | {ips:.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Learned skip weights at the end (mean +- std over seeds; per-channel weights averaged):", "",
-              "| skip | " + " | ".join(_blocks(runs, a.skips)) + " |",
-              "|---|" + "---|" * len(_blocks(runs, a.skips))]
+    blocks = _blocks(runs, a.skips)
+    if blocks:  # no table when every rule is the plain identity skip
+        lines += ["", "Learned skip weights at the end (mean +- std over seeds; per-channel weights averaged):", "",
+                  "| skip | " + " | ".join(blocks) + " |", "|---|" + "---|" * len(blocks)]
     for s in a.skips:
         sw = out["rules"][s]["skip_weights"]
         if sw:
             cells = [f"{mean_std([_scalar(v) for v in sw[k]])[0]:+.3f} +- {mean_std([_scalar(v) for v in sw[k]])[1]:.3f}"
-                     if k in sw else "-" for k in _blocks(runs, a.skips)]
+                     if k in sw else "-" for k in blocks]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     out["table"] = "\n".join(lines)
     return out
