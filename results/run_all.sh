@@ -23,6 +23,15 @@ $py benchmarks/convergence.py --preset paper --skips identity,learned --seeds 3 
 $py benchmarks/convergence.py --preset cifar --skips identity,learned,rezero --seeds 3 --out $runs/cifar-r20-5k \
     --dataset cifar10 --data-dir $data --model resnet20 --width 8 --max-train 5000 --val-split 0.02 --epochs 10
 
+# 1 (cont.). The seed's baseline, ResNet-50 at 32x32 (plain identity skips), same preset and subset.
+$py benchmarks/convergence.py --preset paper --skips identity --seeds 3 --out $runs/paper-5k-resnet50 \
+    --dataset cifar10 --data-dir $data --max-train 5000 --model resnet50
+
+# 3 (cont.). CIFAR-10 skip-weight trajectories from w = 1 (the plain-ResNet point), same setting as part 2.
+$py benchmarks/convergence.py --preset cifar --skips learned,rezero --seeds 3 --out $runs/cifar-r20-5k-init1 \
+    --dataset cifar10 --data-dir $data --model resnet20 --width 8 --max-train 5000 --val-split 0.02 --epochs 10 \
+    --skip-init 1
+
 # Copy what RESULTS.md cites (metrics, summaries, sweep tables and plots; no checkpoints) into results/.
 for d in $runs/*/; do
   name=$(basename "$d"); mkdir -p results/$name
