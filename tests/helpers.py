@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +55,25 @@ def count_compiles() -> Iterator[list[int]]:
         yield n
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def free_port() -> int:
+    """A localhost port that is free now (for a jax.distributed coordinator)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(cmds: list[list[str]], cwd: Path, env: dict[str, str], timeout: float) -> list[str]:
+    """Run the commands at once (the processes of one distributed run), kill any left after ``timeout``,
+    assert that every one exited 0; their stderr."""
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0] * len(procs), "".join(err[-2000:] for _, err in outs)
+    return [err for _, err in outs]

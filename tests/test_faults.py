@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from adaresnet_jax import train as T
-from helpers import compilation_cache, count_compiles, final_params  # noqa: F401 (autouse fixture)
+from helpers import compilation_cache, count_compiles, final_params, free_port, run_processes  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 training digits, batch 32: 8 steps an epoch, 3 epochs, cosine schedule.
@@ -262,25 +261,13 @@ def test_restore_on_another_device_count(first: int, second: int, tmp_path: Path
 def test_two_processes_stop_resume_match_four_devices(tmp_path: Path) -> None:
     """2 processes x 2 CPU devices (coordinator 127.0.0.1, gloo): stopped after epoch 1 with a
     checkpoint, restarted to finish; equal (to round-off) to one process with 4 devices."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     wd = tmp_path / "multi"
 
     def launch(*more: str) -> list[str]:
-        env = env_for(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-        procs = [subprocess.Popen(train_cmd(SGD_FLAGS, wd, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                            "2", "--process-id", str(i), *more),
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-        try:
-            outs = [p.communicate(timeout=300) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-        return [err for _, err in outs]
+        return run_processes([train_cmd(SGD_FLAGS, wd, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                        "--process-id", str(i), *more) for i in range(2)],
+                             cwd=REPO, env=env_for(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"), timeout=300)
 
     launch("--stop-after-epochs", "1")
     assert complete_steps(wd) == [8]

@@ -27,7 +27,8 @@ from adaresnet_jax import train as T
 from adaresnet_jax.config import PRESETS, Config, build_parser, parse_config
 from adaresnet_jax.metrics import EPOCH_KEYS
 from adaresnet_jax.models import create_model
-from helpers import assert_trees_equal, compilation_cache, count_compiles, final_params  # noqa: F401 (autouse fixture)
+from helpers import (  # noqa: F401 (autouse fixture)
+    assert_trees_equal, compilation_cache, count_compiles, final_params, free_port, run_processes)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
@@ -347,25 +348,13 @@ def test_quick_preset_reaches_90_percent_on_digits(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """jax.distributed over 2 CPU processes (gloo collectives): the same metrics as one process."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     flags = TINY + ["--epochs", "2", "--augment"]
     env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
-    procs = [subprocess.Popen([sys.executable, "train.py", *flags, "--workdir", str(tmp_path / "multi"),
-                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    run_processes([[sys.executable, "train.py", *flags, "--workdir", str(tmp_path / "multi"),
+                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+                   for i in range(2)], cwd=REPO, env=env, timeout=240)
     assert T.main(flags + ["--workdir", str(tmp_path / "single")]) == 0
     multi, single = (
         [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
