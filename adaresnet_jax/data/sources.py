@@ -1,8 +1,7 @@
-"""Image-classification data: host-side loading and validation, on-device normalisation and augmentation.
+"""Host-side data sources: load, validate and split image-classification data sets.
 
 `load_dataset` returns a `Dataset` of uint8 NHWC numpy arrays (loaded once per run, on the host) plus
-per-channel statistics. `normalize` and `augment` are pure jax functions meant to run inside the
-compiled train step. Sources (the `name` argument):
+per-channel statistics. Sources (the `name` argument):
 
 - ``"digits"``: scikit-learn's 8x8 digits, embedded, with a fixed 20% test split.
 - ``"npz"`` (or any name with ``data_dir`` pointing at an ``.npz``): Keras layout ``x_train, y_train,
@@ -20,8 +19,6 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 DIGITS_TEST_FRACTION = 0.2
@@ -354,36 +351,3 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_split: float = 0
                         " a CIFAR python archive or an .npz")
     arrays, num_classes = _load_tfds(name, data_dir)
     return from_arrays(name, *arrays, num_classes=num_classes, **kwargs)
-
-
-# ----------------------------------------------------------------------------- on device
-
-def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32) -> jax.Array:
-    """uint8 (..., C) -> `dtype` (x / 255 - mean) / std per channel; mean=0, std=1 gives [0, 1] scaling."""
-    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    if mean_a.shape not in ((), (x.shape[-1],)) or std_a.shape not in ((), (x.shape[-1],)):
-        raise DataError(f"mean/std shapes {mean_a.shape}/{std_a.shape} do not match {x.shape[-1]} channels")
-    bcast = (1,) * (x.ndim - 1) + (-1,)  # explicit, so jax_numpy_rank_promotion="raise" code can call it
-    scale, shift = (1.0 / (255.0 * std_a)).reshape(bcast), (mean_a / std_a).reshape(bcast)
-    return (x.astype(jnp.float32) * scale - shift).astype(dtype)
-
-
-def augment(key: jax.Array, x: jax.Array, *, crop_pad: int = 4, flip: bool = True) -> jax.Array:
-    """Per-image random crop of the zero-padded image and random horizontal flip of a uint8 (N, H, W, C) batch.
-
-    `crop_pad` (pixels of zero padding per side; 0 = no crop) and `flip` must be static Python values.
-    Returns the same shape and dtype; jit-compatible, no host work.
-    """
-    if crop_pad < 0:
-        raise ValueError(f"crop_pad is {crop_pad}: it must be >= 0")
-    n, h, w, c = x.shape
-    crop_key, flip_key = jax.random.split(key)
-    if crop_pad > 0:
-        p = crop_pad
-        padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
-        x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-    if flip:
-        mirror = jax.random.bernoulli(flip_key, 0.5, (n,))
-        x = jnp.where(mirror[:, None, None, None], x[:, :, ::-1, :], x)
-    return x
