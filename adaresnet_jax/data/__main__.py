@@ -1,0 +1,44 @@
+"""``python -m adaresnet_jax.data download cifar10 [--dir D]``: fetch a data set ahead of a (cluster) job.
+
+Prints the archive's path on stdout. Exit codes: 0 done, 2 an error (one line ``error: ...`` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from adaresnet_jax.data.download import ARCHIVES, CACHE_ENV, MIRROR_ENV, fetch
+from adaresnet_jax.data.sources import DataError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line ``error: ...`` on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: 0 done, 2 bad arguments or a failed download."""
+    parser = _Parser(prog="python -m adaresnet_jax.data", description="Prepare data sets ahead of a run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    download = commands.add_parser(
+        "download", help="download a CIFAR python archive (verified by MD5) and print its path",
+        epilog=f"The base URL is ${MIRROR_ENV} if set (an internal mirror), else the official site.")
+    download.add_argument("name", choices=sorted(ARCHIVES))
+    download.add_argument("--dir", default=None,
+                          help=f"folder to download into (default: ${CACHE_ENV}, else ~/.cache/adaresnet_jax)")
+    args = parser.parse_args(argv)
+    try:
+        path = fetch(args.name, args.dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
