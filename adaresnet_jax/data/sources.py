@@ -7,7 +7,8 @@ per-channel statistics. Sources (the `name` argument):
 - ``"npz"`` (or any name with ``data_dir`` pointing at an ``.npz``): Keras layout ``x_train, y_train,
   x_test, y_test``.
 - ``"cifar10"`` / ``"cifar100"`` with ``data_dir`` at the CIFAR python archive (``.tar.gz``), its
-  extracted folder, or the folder holding either.
+  extracted folder, or the folder holding either; without ``data_dir``, the archive is downloaded once
+  into a cache (see :mod:`.download`).
 - any other name: a TFDS data set prepared as ArrayRecord, read with `tfds.data_source` (no TensorFlow).
 """
 
@@ -344,6 +345,10 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_split: float = 0
         if path is None or not path.is_file():
             raise DataError(f"dataset '{name}' needs data_dir = an .npz file with x_train/y_train/x_test/y_test")
         return from_arrays(name, *_load_npz(path), num_classes=_KNOWN_CLASSES.get(name), **kwargs)
+    if name in _CIFAR and path is None:  # the official archive, downloaded once into download.cache_dir()
+        from adaresnet_jax.data.download import fetch  # not at the top: download.py imports this module
+
+        path = fetch(name)
     if name in _CIFAR and path is not None and (src := _find_cifar(path, name)) is not None:
         return from_arrays(name, *_load_cifar(src, name), num_classes=_KNOWN_CLASSES[name], **kwargs)
     if path is not None and path.is_file():
