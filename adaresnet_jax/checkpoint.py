@@ -17,9 +17,14 @@ rather than silently starting over in a workdir that holds a run; rerunning the 
 from step 0, since the corrupt steps are no longer in ``checkpoints/``). Checkpoints written before
 these checksums existed count as corrupt.
 
-Test hook (documented, off unless set): ``ADARESNET_TEST_COMMIT_DELAY="<step>:<seconds>"`` makes the
+Test hooks (documented, off unless set): ``ADARESNET_TEST_COMMIT_DELAY="<step>:<seconds>"`` makes the
 save of step ``<step>`` sleep that long after its files are written and before the rename that
-commits it, so a test can SIGKILL a process while a checkpoint write is in progress.
+commits it, so a test can SIGKILL a process while a checkpoint write is in progress;
+``ADARESNET_TEST_FAIL_SAVE="<step>"`` makes the save of that step raise OSError in this process, so a
+test can check that a failed save ends every process of a multi-process run.
+
+Multi-process runs: the two managers synchronise the processes with their own barrier names
+(``barrier_sync_key_prefix`` "latest" and "best"), since both often save the same step.
 """
 
 from __future__ import annotations
@@ -138,17 +143,23 @@ class Checkpoints:
         common: dict[str, Any] = {"create": not read_only, "cleanup_tmp_directories": not read_only}
         if _commit_delay() is not None:
             common["temporary_path_class"] = _SlowCommitPath
+        # Each manager synchronises the processes of a multi-host run with barriers named after the step.
+        # "latest" and "best" often save the same step, so each gets its own barrier prefix: with one
+        # shared name, the second save of a step finds the first's barrier still open and every process
+        # hangs ("Barrier _async_write_complete.<step> is already ongoing").
         self.latest = ocp.CheckpointManager(
             (workdir / "checkpoints").absolute(),
             item_handlers=ocp.StandardCheckpointHandler(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common, multiprocessing_options=(
+                ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest"))))
         self.best = None
         if with_best:
             self.best = ocp.CheckpointManager(
                 (workdir / "best").absolute(), item_handlers=ocp.StandardCheckpointHandler(),
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1, best_fn=lambda m: m["val_acc"], best_mode="max",
-                    keep_checkpoints_without_metrics=False, **common))
+                    keep_checkpoints_without_metrics=False, **common, multiprocessing_options=(
+                        ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best"))))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -160,6 +171,8 @@ class Checkpoints:
                 "crc32": state_checksum(state)}
 
     def save(self, step: int, state: Any) -> None:
+        if os.environ.get("ADARESNET_TEST_FAIL_SAVE") == str(step):
+            raise OSError(f"simulated failure saving step {step} (ADARESNET_TEST_FAIL_SAVE)")
         self.latest.save(step, args=ocp.args.StandardSave(state), force=True,
                          custom_metadata=self._metadata(state))
 

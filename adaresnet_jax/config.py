@@ -1,22 +1,15 @@
 """Training configuration: one frozen, keyword-only dataclass, named presets, and the command line.
 
 Every field of :class:`Config` is a command-line flag (``batch_size`` -> ``--batch-size``; booleans as
-``--flag/--no-flag``); ``--preset`` picks the starting values and explicit flags override them::
+``--flag/--no-flag``). A flag left unset takes its neutral default: the network's or the optimiser's
+own standard value (``--model resnet18_cifar`` alone builds the full-width network; ``--lr`` unset is
+0.1 for SGD and 1e-3 for Adam). ``--preset`` (see :mod:`adaresnet_jax.presets`) replaces some of those
+defaults, and explicit flags override the preset::
 
     python train.py --preset quick                         # digits, ~1 min on 2 CPU cores
-    python train.py --preset paper --data-dir data/cifar10  # the seed's experiment (AdaResNet)
+    python train.py --preset paper                         # the seed's experiment (AdaResNet), CIFAR-10
     python train.py --preset paper --skip identity ...      # the same with a plain ResNet
-    python train.py --preset cifar --data-dir data/cifar10 --workdir runs/c10
-
-Presets (see :data:`PRESETS`):
-
-* ``quick``: digits (embedded 8x8 images), ResNet-20 at width 8, Adam 3e-3 with cosine decay,
-  batch 64, 15 epochs, 10% validation; about a minute on 2 CPU cores.
-* ``paper``: the seed's experiment: the ``paper`` network, learned skip, Adam 1e-3 constant,
-  batch 32, 10 epochs, inputs scaled to [0, 1], no augmentation, no weight decay, CIFAR-10.
-* ``cifar``: ``resnet18_cifar`` on CIFAR-10: SGD Nesterov 0.9, lr 0.1 at batch 128, cosine with
-  1 warm-up epoch, weight decay 5e-4 (kernels only), label smoothing 0.1, crop (pad 4) and flip,
-  per-channel normalisation, 30 epochs, 10% validation.
+    python train.py --model resnet18_cifar --dataset cifar10 --workdir runs/r18   # neutral defaults
 """
 
 from __future__ import annotations
@@ -27,9 +20,11 @@ import json
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from adaresnet_jax.models import MODEL_NAMES, SKIP_RULES
+from adaresnet_jax.presets import PRESETS
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step", "onecycle"]
@@ -43,8 +38,11 @@ EvalFrom = Literal["latest", "best"]
 RESUME_SAFE_FIELDS = frozenset({
     "preset", "epochs", "stop_after_epochs", "workdir", "data_dir", "quiet", "eval_only", "eval_from",
     "keep_checkpoints", "checkpoint_every", "coordinator", "num_processes", "process_id", "distributed",
-    "eval_batch_size",
+    "eval_batch_size", "stop_timeout", "heartbeat_timeout",
 })
+# Schedules whose value at a step depends on the total number of steps (so on --epochs).
+TOTAL_STEP_SCHEDULES = frozenset({"cosine", "step", "onecycle"})
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002
@@ -53,19 +51,22 @@ def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Everything a training run depends on. Defaults are the ``quick`` preset."""
+    """Everything a training run depends on. The defaults are neutral; presets override some of them."""
 
-    preset: str = _f("quick", "preset applied first; explicit flags override it", choices=("quick", "paper", "cifar"))
+    preset: str | None = _f(None, "preset whose values replace the neutral defaults (explicit flags override it)",
+                            choices=tuple(PRESETS))
     # model
     model: str = _f("resnet20", "network name", choices=MODEL_NAMES)
     skip: str = _f("learned", "residual rule: identity (ResNet), learned (AdaResNet), rezero", choices=SKIP_RULES)
     skip_init: float | None = _f(None, "initial skip weight (none: the network's default, 0 for AdaResNet)")
-    width: int | None = _f(8, "width of the first stage (num_filters); none: the network's default")
+    width: int | None = _f(None, "width of the first stage (num_filters); none: the network's own")
     conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: hybrid on CPU, xla elsewhere; see adaresnet_jax.conv)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32")
     # data
-    dataset: str = _f("digits", "digits, npz, cifar10, cifar100 or a TFDS image-classification name")
-    data_dir: str | None = _f(None, "an .npz, a CIFAR python archive/folder, or a TFDS data dir")
+    dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset) "
+                                 "or a TFDS image-classification name")
+    data_dir: str | None = _f(None, "an .npz, a CIFAR python archive/folder, or a TFDS data dir "
+                                    "(none for cifar10/100: the download cache, $ADARESNET_DATA or ~/.cache/adaresnet_jax)")
     val_split: float = _f(0.1, "fraction of the training set held out for validation (0: none)")
     max_train: int | None = _f(None, "keep only the first N training images (quick experiments)")
     max_test: int | None = _f(None, "keep only the first N test images (quick experiments)")
@@ -73,23 +74,25 @@ class Config:
     crop_pad: int = _f(4, "zero padding (pixels per side) of the random crop when augmenting; 0: no crop")
     flip: bool = _f(True, "random horizontal flip when augmenting")
     normalize: bool = _f(True, "per-channel mean/std normalisation (off: inputs scaled to [0, 1])")
+    drop_last: bool = _f(True, "drop each epoch's last partial batch (off: train it, as Keras' fit does)")
     # optimisation
-    epochs: int = _f(15, "number of training epochs (the last partial batch of each is dropped)")
-    batch_size: int = _f(64, "global batch size over all devices of all processes")
-    optimizer: Optimizer = _f("adam", "optimizer")
-    lr: float = _f(3e-3, "peak learning rate")
+    epochs: int = _f(10, "number of training epochs")
+    batch_size: int = _f(128, "global batch size over all devices of all processes")
+    optimizer: Optimizer = _f("sgd", "optimizer")
+    lr: float | None = _f(None, "peak learning rate (none: 0.1 for sgd, 0.001 for adam/adamw)")
     momentum: float = _f(0.9, "SGD momentum")
-    nesterov: bool = _f(True, "Nesterov momentum for SGD")
+    nesterov: bool = _f(False, "Nesterov momentum for SGD")
+    adam_eps: float = _f(1e-8, "epsilon of adam/adamw (Keras uses 1e-7)")
     weight_decay: float = _f(0.0, "weight decay of conv/dense kernels (never skip weights, BN or biases)")
-    schedule: Schedule = _f("cosine", "learning-rate schedule (step: x0.1 at 50%% and 75%%)")
+    schedule: Schedule = _f("constant", "learning-rate schedule (step: x0.1 at 50%% and 75%%)")
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 (constant, cosine, step schedules)")
     grad_clip: float = _f(0.0, "clip gradients to this global norm (0: off)")
     skip_lr_mult: float = _f(1.0, "learning-rate multiplier of the skip weights")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     seed: int = _f(0, "seed of initialisation, data order, augmentation and the validation split")
     # run, checkpoints, output
-    workdir: str = _f("runs/quick", "output folder: checkpoints, metrics.jsonl, summary.json, plots")
-    quiet: bool = _f(False, "one log line per epoch instead of a progress bar")
+    workdir: str = _f("runs/default", "output folder: checkpoints, metrics.jsonl, summary.json, plots")
+    quiet: bool = _f(False, "one log line per epoch instead of a progress bar (always so when stderr is not a terminal)")
     eval_only: bool = _f(False, "evaluate a checkpoint of --workdir on val/test and exit")
     eval_from: EvalFrom = _f("latest", "checkpoint that --eval-only evaluates")
     eval_batch_size: int = _f(512, "evaluation batch size (rounded up to a multiple of the device count)")
@@ -97,11 +100,15 @@ class Config:
     checkpoint_every: int = _f(1, "save a checkpoint every N epochs (and always after the last)")
     stop_after_epochs: int | None = _f(None, "stop (with a checkpoint) after this many epochs; "
                                              "the schedule still runs over --epochs")
+    stop_timeout: float = _f(300.0, "seconds after SIGTERM within which the run must have saved and exited; "
+                                    "past it (or on a second SIGTERM) it exits with code 3 without saving")
     # multi-host
     coordinator: str | None = _f(None, "address host:port of process 0 for jax.distributed.initialize")
     num_processes: int | None = _f(None, "number of processes of a multi-host run")
     process_id: int | None = _f(None, "id of this process in a multi-host run")
     distributed: bool = _f(False, "call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
+    heartbeat_timeout: int = _f(100, "seconds without a heartbeat after which a multi-host run declares a "
+                                     "process dead and every process exits")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -113,6 +120,11 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the optimizer's usual value when it is unset."""
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword overrides for :func:`adaresnet_jax.models.create_model` (besides name/classes/skip)."""
@@ -132,16 +144,18 @@ def validate(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         choices = _choices(f)
-        if choices and v not in choices:
+        if choices and v not in choices and not (v is None and f.default is None):
             raise ValueError(f"{f.name} is {v!r}; valid choices: {', '.join(map(str, choices))}")
     positive = ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every",
-                "width", "max_train", "max_test", "stop_after_epochs", "num_processes")
+                "width", "max_train", "max_test", "stop_after_epochs", "num_processes", "heartbeat_timeout")
     for name in positive:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ValueError(f"{name} is {v}: it must be a positive integer")
-    if not cfg.lr > 0:
+    if cfg.lr is not None and not cfg.lr > 0:
         raise ValueError(f"lr is {cfg.lr}: it must be positive")
+    if not (cfg.adam_eps > 0 and cfg.stop_timeout > 0):
+        raise ValueError(f"adam_eps ({cfg.adam_eps}) and stop_timeout ({cfg.stop_timeout}) must be positive")
     for name in ("weight_decay", "warmup_epochs", "grad_clip", "skip_lr_mult", "momentum", "crop_pad"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} is {getattr(cfg, name)}: it must be >= 0")
@@ -149,6 +163,15 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"label_smoothing is {cfg.label_smoothing}: it must be in [0, 1)")
     if not 0 <= cfg.val_split < 1:
         raise ValueError(f"val_split is {cfg.val_split}: it must be in [0, 1) (0 disables validation)")
+    name = cfg.dataset
+    if name.startswith(("/", ".", "~")) or name.endswith((".npz", ".tar.gz", ".tgz", ".tar")) or (
+            "/" in name and Path(name).exists()):  # (TFDS names may hold a "/": "imagenette/320px-v2")
+        raise ValueError(f"--dataset {name!r} looks like a path: pass the file or folder with --data-dir, and "
+                         "the data set's name with --dataset (cifar10, cifar100, npz or a TFDS name)")
+    if name == "digits" and cfg.data_dir is not None:
+        raise ValueError(f"--data-dir {cfg.data_dir!r} would be ignored by --dataset digits (scikit-learn's "
+                         "embedded digits): drop --data-dir, or name the data set it holds with --dataset "
+                         "(npz, cifar10, cifar100 or a TFDS name)")
     if cfg.eval_from == "best" and cfg.val_split == 0 and cfg.eval_only:
         raise ValueError("eval_from='best' needs a validation split (val_split > 0)")
 
@@ -160,37 +183,25 @@ def _choices(f: dataclasses.Field) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
-PRESETS: dict[str, Config] = {
-    "quick": Config(),
-    "paper": Config(
-        preset="paper", model="paper", skip="learned", width=None, dataset="cifar10", val_split=0.0,
-        augment=False, normalize=False, epochs=10, batch_size=32, optimizer="adam", lr=1e-3,
-        schedule="constant", warmup_epochs=0.0, weight_decay=0.0, label_smoothing=0.0, workdir="runs/paper"),
-    "cifar": Config(
-        preset="cifar", model="resnet18_cifar", width=None, dataset="cifar10", val_split=0.1,
-        augment=True, crop_pad=4, flip=True, normalize=True, epochs=30, batch_size=128, optimizer="sgd",
-        lr=0.1, momentum=0.9, nesterov=True, schedule="cosine", warmup_epochs=1.0, weight_decay=5e-4,
-        label_smoothing=0.1, workdir="runs/cifar"),
-}
-
-
 # ----------------------------------------------------------------------------- command line
 
-_EPILOG = """presets (--preset; explicit flags override the preset's values):
-  quick  digits, resnet20 at width 8, Adam 3e-3 cosine, batch 64, 15 epochs (~40 s on 2 CPU cores)
-  paper  the seed's experiment: paper network, learned skip, Adam 1e-3 constant, batch 32,
-         10 epochs, inputs in [0, 1], no augmentation, CIFAR-10 (no validation split)
+_EPILOG = """presets (--preset NAME; explicit flags override the preset's values; see adaresnet_jax/presets.py):
+  quick  digits (embedded), resnet20 at width 8, Adam 3e-3 cosine, batch 64, 15 epochs (~1 min on 2 CPU cores)
+  paper  the seed's experiment: paper network, learned skip, Adam 1e-3 (eps 1e-7) constant, batch 32 with the
+         last partial batch, 10 epochs, inputs in [0, 1], no augmentation, CIFAR-10, no validation split
   cifar  resnet18_cifar on CIFAR-10: SGD Nesterov lr 0.1 at batch 128, cosine with 1 warm-up
          epoch, weight decay 5e-4, label smoothing 0.1, crop (pad 4) + flip, 30 epochs, 10% validation
+Without --preset every flag has its neutral default (shown per flag, with what each preset sets).
 
 examples:
   python train.py --preset quick
-  python train.py --preset paper --data-dir data/cifar-10-python.tar.gz --workdir runs/paper
-  python train.py --preset paper --skip identity --data-dir data/cifar-10-python.tar.gz --workdir runs/resnet
-  python train.py --workdir runs/paper --eval-only          # the run's own config, latest checkpoint
+  python train.py --preset paper --workdir runs/paper          # downloads CIFAR-10 once (~170 MB)
+  python train.py --preset paper --skip identity --data-dir cifar-10-python.tar.gz --workdir runs/resnet
+  python train.py --workdir runs/paper --eval-only             # the run's own config, latest checkpoint
 
 Rerunning a command on its workdir resumes from the latest checkpoint; SIGTERM saves one and exits 0.
-Exit codes: 0 done (or stopped by SIGTERM), 1 non-finite loss, 2 bad input.
+Exit codes: 0 done (or stopped by SIGTERM), 1 non-finite loss or a failure, 2 bad input,
+3 no clean stop within --stop-timeout of SIGTERM (or a second SIGTERM).
 Multi-host: --coordinator/--num-processes/--process-id, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
 JAX_PROCESS_ID, or --distributed (auto-detection on TPU pods, SLURM); the workdir must be shared."""
 
@@ -223,6 +234,12 @@ def _converter(base: Any, optional: bool, name: str):  # noqa: ANN202
     return convert
 
 
+def _defaults_text(f: dataclasses.Field) -> str:
+    """'default: X; quick: Y, paper: Z': the neutral default, then each preset that sets the field."""
+    by_preset = ", ".join(f"{name}: {vals[f.name]}" for name, vals in PRESETS.items() if f.name in vals)
+    return f"default: {f.default}" + (f"; {by_preset}" if by_preset else "")
+
+
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     """An argparse parser with one flag per Config field; unset flags are absent from the namespace."""
     p = _Parser(prog=prog, description="Train ResNet / AdaResNet (learned skip weights) with JAX.",
@@ -232,8 +249,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         base, optional = _parse_type(hints[f.name])
-        quick = getattr(PRESETS["quick"], f.name) if "PRESETS" in globals() else f.default
-        help_ = f"{f.metadata['help']} ({'default' if f.name == 'preset' else 'quick preset'}: {quick})"
+        help_ = f"{f.metadata['help']} ({_defaults_text(f)})"
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
             continue
@@ -252,8 +268,8 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Confi
     """
     parser = build_parser(prog)
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    base = PRESETS[ns.pop("preset", "quick")]
+    preset = ns.get("preset")
     try:
-        return dataclasses.replace(base, **ns)
+        return Config(**{**(PRESETS[preset] if preset else {}), **ns})
     except ValueError as e:
         parser.error(str(e))

@@ -28,19 +28,19 @@ def make_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate per global step: constant, cosine, step (x0.1 at 50%/75%) or onecycle."""
     total = max(cfg.epochs * steps_per_epoch, 1)
     if cfg.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(total, cfg.lr)
+        return optax.cosine_onecycle_schedule(total, cfg.peak_lr)
     warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     rest = total - warm
     if cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, rest)
+        main = optax.cosine_decay_schedule(cfg.peak_lr, rest)
     elif cfg.schedule == "step":
         main = optax.piecewise_constant_schedule(
-            cfg.lr, {max(1, int(f * total) - warm): 0.1 for f in (0.5, 0.75)})
+            cfg.peak_lr, {max(1, int(f * total) - warm): 0.1 for f in (0.5, 0.75)})
     else:
-        main = optax.constant_schedule(cfg.lr)
+        main = optax.constant_schedule(cfg.peak_lr)
     if warm <= 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.peak_lr, warm), main], [warm])
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -56,9 +56,9 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> tuple[optax.GradientTra
         momentum = cfg.momentum if cfg.momentum > 0 else None
         parts.append(optax.sgd(schedule, momentum=momentum, nesterov=bool(momentum and cfg.nesterov)))
     elif cfg.optimizer == "adam":
-        parts.append(optax.adam(schedule))
+        parts.append(optax.adam(schedule, eps=cfg.adam_eps))
     else:
-        parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+        parts.append(optax.adamw(schedule, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, mask=decay_mask))
     if cfg.skip_lr_mult != 1.0:
         parts.append(optax.masked(optax.scale(cfg.skip_lr_mult), skip_mask))
     return optax.chain(*parts), schedule

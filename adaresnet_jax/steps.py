@@ -11,6 +11,8 @@ Public API (``adaresnet_jax.train`` re-exports it; ``benchmarks/`` time ``on_bat
     state, m = steps.on_batch(state, images_uint8, labels, key)   # a given global batch (B, H, W, C)
     perm = make_epoch_permutation(seed, N, B, mesh)(epoch)        # (N // B, B) int32 on device
     state, m = steps.on_dataset(state, x_all, y_all, perm)        # batch perm[step % (N // B)], gathered inside
+    tail = make_epoch_tail(seed, N, B, mesh)(epoch)               # the N % B indices left over (or None)
+    state, m = steps.on_indices(state, x_all, y_all, tail)        # a batch of given indices, gathered inside
     ev = make_eval_step(model, mesh=mesh, mean=(...), std=(...), dtype=jnp.float32)
     sums = ev(state, images_uint8, labels, mask)                  # {"loss", "correct", "count"}, summed
 
@@ -95,24 +97,30 @@ def _init_fn(model: Any, tx: optax.GradientTransformation, image_shape: tuple[in
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-    """The two entry points of one update (both jitted, state donated, same computation).
+    """The entry points of one update (all jitted, state donated, same computation).
 
     on_batch(state, images_uint8 (B, H, W, C), labels (B,), key) -> (state, metrics)
     on_dataset(state, x_all uint8 (N, H, W, C), y_all (N,), perm int32 (S, B)) -> (state, metrics):
-      gathers batch ``perm[state["step"] % S]`` on device; augmentation key from (seed, step).
+      gathers batch ``perm[state["step"] % steps_per_epoch]`` on device (``steps_per_epoch`` defaults
+      to S); augmentation key from (seed, step).
+    on_indices(state, x_all, y_all, idx int32 (b,)) -> (state, metrics): gathers the given indices (the
+      last partial batch of an epoch); the same augmentation key rule.
     """
 
     on_batch: Callable[..., tuple[State, dict[str, jax.Array]]]
     on_dataset: Callable[..., tuple[State, dict[str, jax.Array]]]
+    on_indices: Callable[..., tuple[State, dict[str, jax.Array]]]
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
                     mean: tuple[float, ...], std: tuple[float, ...], crop_pad: int = 0, flip: bool = False,
-                    label_smoothing: float = 0.0, dtype: Any = jnp.float32, seed: int = 0) -> TrainStep:
+                    label_smoothing: float = 0.0, dtype: Any = jnp.float32, seed: int = 0,
+                    steps_per_epoch: int | None = None) -> TrainStep:
     """The train step: augment + normalise (in the step), forward, backward, optimizer, BN statistics.
 
     The batch is constrained to the "data" axis, so BatchNorm statistics and the loss are over the
     global batch whatever the device count. ``crop_pad=0, flip=False`` disables augmentation.
+    ``steps_per_epoch`` (default: the rows of ``perm``) is S + 1 when each epoch ends with a partial batch.
     """
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     num_classes = model.num_classes
@@ -138,17 +146,20 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.s
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
         return new_state, {"loss": loss, "correct": correct, "finite": finite}
 
-    def from_dataset(state: State, x_all: jax.Array, y_all: jax.Array, perm: jax.Array):
-        idx = jax.lax.dynamic_index_in_dim(perm, state["step"] % perm.shape[0], keepdims=False)
+    def from_indices(state: State, x_all: jax.Array, y_all: jax.Array, idx: jax.Array):
         idx = jax.lax.with_sharding_constraint(idx, data)  # each device gathers its own slice
         images, labels = jnp.take(x_all, idx, axis=0, mode="clip"), jnp.take(y_all, idx, axis=0, mode="clip")
         return update(state, images, labels, jax.random.fold_in(_key(seed, 2), state["step"]))
 
-    return TrainStep(
-        on_batch=jax.jit(update, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
-                         donate_argnums=(0,)),
-        on_dataset=jax.jit(from_dataset, in_shardings=(repl,) * 4, out_shardings=(repl, repl),
-                           donate_argnums=(0,)))
+    def from_dataset(state: State, x_all: jax.Array, y_all: jax.Array, perm: jax.Array):
+        row = state["step"] % (steps_per_epoch or perm.shape[0])
+        return from_indices(state, x_all, y_all, jax.lax.dynamic_index_in_dim(perm, row, keepdims=False))
+
+    def jit(fn: Callable[..., Any], in_shardings: tuple[NamedSharding, ...]) -> Callable[..., Any]:
+        return jax.jit(fn, in_shardings=in_shardings, out_shardings=(repl, repl), donate_argnums=(0,))
+
+    return TrainStep(on_batch=jit(update, (repl, data, data, repl)), on_dataset=jit(from_dataset, (repl,) * 4),
+                     on_indices=jit(from_indices, (repl,) * 4))
 
 
 def make_eval_step(model: Any, *, mesh: jax.sharding.Mesh, mean: tuple[float, ...], std: tuple[float, ...],
@@ -177,6 +188,20 @@ def make_epoch_permutation(seed: int, n: int, batch_size: int, mesh: jax.shardin
         return p[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
     return lambda epoch: perm(replicate(np.int32(epoch), mesh))
+
+
+def make_epoch_tail(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh,
+                    multiple: int = 1) -> Callable[[int], jax.Array | None]:
+    """epoch -> the indices that :func:`make_epoch_permutation` leaves over (``n % batch_size``, cut to a
+    multiple of ``multiple``, the device count), int32 replicated; None when there are none."""
+    start, size = n // batch_size * batch_size, n % batch_size // multiple * multiple
+
+    @jax.jit
+    def tail(epoch: jax.Array) -> jax.Array:
+        p = jax.random.permutation(jax.random.fold_in(_key(seed, 1), epoch), n)
+        return p[start:start + size].astype(jnp.int32)
+
+    return lambda epoch: tail(replicate(np.int32(epoch), mesh)) if size else None
 
 
 class Evaluator:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,16 +67,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_processes(cmds: list[list[str]], cwd: Path, env: dict[str, str], timeout: float) -> list[str]:
-    """Run the commands at once (the processes of one distributed run), kill any left after ``timeout``,
-    assert that every one exited 0; their stderr."""
-    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
+class Processes:
+    """Processes started at once (the processes of one distributed run), each writing stdout and stderr
+    to its own temporary file: a pipe that nobody reads would fill up and block a chatty process, and
+    with it every peer waiting in a collective."""
+
+    def __init__(self, cmds: list[list[str]], cwd: Path, env: dict[str, str] | list[dict[str, str]]) -> None:
+        envs = env if isinstance(env, list) else [env] * len(cmds)
+        self.logs = [tempfile.TemporaryFile("w+") for _ in cmds]
+        self.procs = [subprocess.Popen(c, cwd=cwd, env=e, stdout=log, stderr=subprocess.STDOUT, text=True)
+                      for c, e, log in zip(cmds, envs, self.logs)]
+
+    def wait(self, timeout: float, only: list[int] | None = None) -> list[tuple[int | None, str, float]]:
+        """(return code, output, seconds to exit) of the processes ``only`` (default: all), waiting at most
+        ``timeout`` s in all; every process still running after that is killed (after SIGCONT)."""
+        t0, out = time.monotonic(), []
+        try:
+            for i in only if only is not None else range(len(self.procs)):
+                p = self.procs[i]
+                try:
+                    p.wait(timeout=max(t0 + timeout - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    pass
+                out.append((p.returncode, time.monotonic() - t0, i))
+        finally:
+            self.kill()
+        return [(rc, self.output(i), waited) for rc, waited, i in out]
+
+    def output(self, i: int) -> str:
+        self.logs[i].seek(0)
+        return self.logs[i].read()
+
+    def kill(self) -> None:
+        for p in self.procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 p.kill()
-    assert [p.returncode for p in procs] == [0] * len(procs), "".join(err[-2000:] for _, err in outs)
-    return [err for _, err in outs]
+                p.wait()
+
+
+def run_processes(cmds: list[list[str]], cwd: Path, env: dict[str, str], timeout: float) -> list[str]:
+    """Runs the commands at once, kills any left after ``timeout``, asserts that every one exited 0;
+    their outputs (stdout and stderr)."""
+    results = Processes(cmds, cwd, env).wait(timeout)
+    assert [rc for rc, _, _ in results] == [0] * len(cmds), (
+        f"return codes {[rc for rc, _, _ in results]} (timeout {timeout} s): "
+        + "".join(f"\n--- process {i}:\n{out[-2500:]}" for i, (_, out, _) in enumerate(results)))
+    return [out for _, out, _ in results]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,18 +25,19 @@ import numpy as np
 import pytest
 
 from adaresnet_jax import train as T
-from helpers import compilation_cache, count_compiles, final_params, free_port, run_processes  # noqa: F401
+from helpers import (  # noqa: F401 (autouse fixture)
+    Processes, compilation_cache, count_compiles, final_params, free_port, run_processes)
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 training digits, batch 32: 8 steps an epoch, 3 epochs, cosine schedule.
-FLAGS = ["--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
-         "--quiet", "--eval-batch-size", "128", "--augment", "--seed", "3", "--epochs", "3"]
+FLAGS = ["--dataset", "digits", "--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
+         "--quiet", "--eval-batch-size", "128", "--augment", "--seed", "3", "--epochs", "3", "--schedule", "cosine"]
 # Across device counts: SGD, whose update is linear in the gradient, so the float32 round-off of a
 # different gradient sum order stays round-off (Adam's m / sqrt(v) blows it up for near-zero gradients:
 # after 24 steps an uninterrupted 8-device Adam run differs from the 1-device one by 7e-4).
 SGD_FLAGS = FLAGS + ["--optimizer", "sgd", "--lr", "0.05"]
 # For the SIGKILL tests: longer epochs (64 steps of 8), so a random kill time mostly lands inside one.
-KILL_FLAGS = ["--model", "tiny", "--width", "4", "--max-train", "512", "--max-test", "100", "--batch-size", "8",
+KILL_FLAGS = ["--dataset", "digits", "--model", "tiny", "--width", "4", "--max-train", "512", "--max-test", "100", "--batch-size", "8",
               "--quiet", "--eval-batch-size", "128", "--augment", "--seed", "4", "--epochs", "6"]
 
 
@@ -283,6 +285,89 @@ def test_two_processes_stop_resume_match_four_devices(tmp_path: Path) -> None:
             assert m[key] == pytest.approx(s[key], rel=1e-5), key
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["devices"]["processes"] == 2 and summary["devices"]["count"] == 4
+
+
+# ----------------------------------------------------------------------------- preemption on many hosts
+
+def launch_two(flags: list[str], workdir: Path, *more: str, env: tuple[dict[str, str], ...] = ({}, {})) -> Processes:
+    """Starts the 2 processes (x 2 CPU devices, gloo) of one run, with extra environment per process."""
+    port = free_port()
+    return Processes([train_cmd(flags, workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i), *more) for i in range(2)], cwd=REPO,
+                     env=[env_for(2, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **e) for e in env])
+
+
+def first_checkpoint(workdir: Path) -> bool:
+    return (workdir / "checkpoints").is_dir() and bool(complete_steps(workdir))
+
+
+# 64 steps an epoch of batch 8, SGD: long enough that a signal lands inside training.
+LONG_SGD = KILL_FLAGS + ["--optimizer", "sgd", "--lr", "0.05", "--schedule", "cosine", "--heartbeat-timeout", "30"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path: Path) -> None:
+    """SIGTERM reaches only process 1 of 2 (a preempted host). Both stop at the same step, save one
+    checkpoint there and exit 0; the same commands resume, and the run ends bit-equal to an
+    uninterrupted run of the same two processes. (Not to one process with 4 devices: over 384 SGD steps
+    on batches of 8, the float32 round-off of another all-reduce order grows to visible differences.)"""
+    wd = tmp_path / "multi"
+    run = launch_two(LONG_SGD, wd)
+    wait_for(run.procs[0], lambda: first_checkpoint(wd), "a first checkpoint")
+    run.procs[1].send_signal(signal.SIGTERM)
+    results = run.wait(timeout=240)
+    assert [rc for rc, _, _ in results] == [0, 0], "".join(out[-2000:] for _, out, _ in results)
+    stopped = [int(re.search(r"received SIGTERM: saved a checkpoint at step (\d+)", out)[1]) for _, out, _ in results]
+    assert stopped[0] == stopped[1] and 64 < stopped[0] < 6 * 64, stopped
+    assert complete_steps(wd)[-1] == stopped[0]
+    results = launch_two(LONG_SGD, wd).wait(timeout=300)
+    assert [rc for rc, _, _ in results] == [0, 0], "".join(out[-2000:] for _, out, _ in results)
+    assert f"resumed from step {stopped[0]} " in results[0][1]
+    results = launch_two(LONG_SGD, tmp_path / "uninterrupted").wait(timeout=300)
+    assert [rc for rc, _, _ in results] == [0, 0], "".join(out[-2000:] for _, out, _ in results)
+    assert_same_params(wd, final_params(tmp_path / "uninterrupted"))
+
+
+@pytest.mark.slow
+def test_stuck_peer_or_second_sigterm_exit_3_in_bounded_time(tmp_path: Path) -> None:
+    """Process 1 is frozen (SIGSTOP), so process 0 blocks in a collective; a SIGTERM to process 0 must still
+    end it, with code 3, soon after --stop-timeout. Then, on one process whose checkpoint save hangs
+    (ADARESNET_TEST_COMMIT_DELAY), a second SIGTERM ends it at once with code 3."""
+    wd = tmp_path / "multi"
+    run = launch_two(LONG_SGD, wd, "--stop-timeout", "5")
+    try:
+        wait_for(run.procs[0], lambda: first_checkpoint(wd), "a first checkpoint")
+        run.procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        run.procs[0].send_signal(signal.SIGTERM)
+        rc, out, waited = run.wait(timeout=60, only=[0])[0]
+    finally:
+        run.kill()
+    assert rc == 3 and waited < 40, (rc, waited, out[-2000:])
+    assert "did not stop within --stop-timeout 5 s of SIGTERM" in out.strip().splitlines()[-1]
+
+    wd = tmp_path / "single"
+    run = Processes([train_cmd(KILL_FLAGS, wd)], cwd=REPO, env=env_for(1, ADARESNET_TEST_COMMIT_DELAY="64:300"))
+    wait_for(run.procs[0], lambda: list((wd / "checkpoints").glob("64.*tmp*")) if (wd / "checkpoints").is_dir() else [],
+             "the (held) save of step 64")
+    run.procs[0].send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    run.procs[0].send_signal(signal.SIGTERM)
+    rc, out, waited = run.wait(timeout=60)[0]
+    assert rc == 3 and waited < 30, (rc, waited, out[-2000:])
+    assert "a second SIGTERM arrived" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_failed_save_on_one_process_ends_every_process(tmp_path: Path) -> None:
+    """The save of step 64 fails on process 1 only (ADARESNET_TEST_FAIL_SAVE): process 1 reports it and
+    exits 1, and process 0, left waiting for it, is ended by the coordination service within
+    --heartbeat-timeout; neither hangs."""
+    run = launch_two(LONG_SGD, tmp_path / "multi", "--heartbeat-timeout", "10",
+                     env=({}, {"ADARESNET_TEST_FAIL_SAVE": "64"}))
+    (rc0, out0, waited0), (rc1, out1, _) = run.wait(timeout=150)
+    assert rc1 == 1 and "simulated failure saving step 64" in out1.strip().splitlines()[-1], out1[-2000:]
+    assert rc0 not in (0, None), out0[-2000:]
 
 
 # ----------------------------------------------------------------------------- bad data files

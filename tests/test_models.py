@@ -102,8 +102,8 @@ def _set_skip(params, value: float):
 
 @pytest.mark.parametrize("name,overrides", [("tiny", {}), ("paper", {"num_filters": 4}),
                                             ("resnet20", {"stage_sizes": (1, 1, 1)})])
-def test_zero_skip_weight_gives_act_of_branch_and_one_gives_identity(name, overrides, cifar_batch):
-    x = jnp.asarray(cifar_batch[0][:4])
+def test_zero_skip_weight_gives_act_of_branch_and_one_gives_identity(name, overrides, image_batch):
+    x = jnp.asarray(image_batch[0][:4])
     learned = ar.create_model(name, num_classes=10, **overrides)
     v = learned.init(jax.random.key(0), x, train=False)
     # w = 0: every block outputs relu(F(x)), F the output of the block's last BatchNorm.
@@ -143,10 +143,10 @@ SMALL = [("paper", {"num_filters": 8}), ("tiny", {}), ("resnet20", {"stage_sizes
 
 @pytest.mark.parametrize("skip", ["identity", "learned", "rezero"])
 @pytest.mark.parametrize("name,overrides", SMALL)
-def test_default_configurations_train(name, overrides, skip, cifar_batch):
+def test_default_configurations_train(name, overrides, skip, image_batch):
     """No dead start: at init every parameter that no zero weight stands in front of gets a
     gradient; after a few steps every parameter has had one; and the loss goes down."""
-    x, y = map(jnp.asarray, cifar_batch)
+    x, y = map(jnp.asarray, image_batch)
     model = ar.create_model(name, num_classes=10, skip=skip, **overrides)
     v = model.init(jax.random.key(0), x, train=False)
     params, stats = v["params"], v["batch_stats"]
@@ -172,17 +172,19 @@ def test_default_configurations_train(name, overrides, skip, cifar_batch):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss, grads
 
-    for _ in range(8):
+    for _ in range(16):
         params, stats, opt_state, loss, grads = step(params, stats, opt_state)
         seen = jax.tree.map(lambda s, g: s | (g != 0), seen, grads)
         losses.append(float(loss))
     assert all(_nonzero(seen).values()), [k for k, ok in _nonzero(seen).items() if not ok]
-    assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0], losses
+    # The loss falls clearly: on the digits batch the slowest case (tiny, 4 filters) ends at 0.64 of
+    # its start on both AVX-512 and AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2); the others below 0.35.
+    assert np.isfinite(losses).all() and losses[-1] < 0.85 * losses[0], losses
 
 
 @pytest.mark.parametrize("name,overrides", SMALL)
-def test_bfloat16_compute_with_float32_params(name, overrides, cifar_batch):
-    x = jnp.asarray(cifar_batch[0][:8])
+def test_bfloat16_compute_with_float32_params(name, overrides, image_batch):
+    x = jnp.asarray(image_batch[0][:8])
     f32 = ar.create_model(name, num_classes=10, **overrides)
     bf16 = ar.create_model(name, num_classes=10, dtype=jnp.bfloat16, **overrides)
     v = f32.init(jax.random.key(0), x, train=False)
@@ -198,8 +200,8 @@ def test_bfloat16_compute_with_float32_params(name, overrides, cifar_batch):
 
 @pytest.mark.parametrize("impl", ["slice_dot", "hybrid"])
 @pytest.mark.parametrize("name,overrides", SMALL)
-def test_conv_implementations_agree(name, overrides, impl, cifar_batch):
-    x = jnp.asarray(cifar_batch[0][:4])
+def test_conv_implementations_agree(name, overrides, impl, image_batch):
+    x = jnp.asarray(image_batch[0][:4])
     xla = ar.create_model(name, num_classes=10, conv_impl="xla", **overrides)
     sd = ar.create_model(name, num_classes=10, conv_impl=impl, **overrides)
     v = xla.init(jax.random.key(0), x, train=False)

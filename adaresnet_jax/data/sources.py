@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Sequence
 
@@ -200,6 +202,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
     """Keras layout (x_train, y_train, x_test, y_test), or JPEG bytes with offsets (see _decode_jpegs)."""
     keys = ("x_train", "y_train", "x_test", "y_test")
     jpeg_keys = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive; np.load would try to unpickle anything else
+        raise DataError(f"'{path}' is not an .npz file (it does not start with a zip header): "
+                        f"pass an .npz written by numpy.savez with arrays {', '.join(keys)}")
     try:
         with np.load(path, allow_pickle=False) as f:
             found = list(f.files)
@@ -207,8 +214,10 @@ def _load_npz(path: Path) -> tuple[np.ndarray, ...]:
                 return (_decode_jpegs(f["train_jpeg"], f["train_offsets"]), f["train_labels"],
                         _decode_jpegs(f["test_jpeg"], f["test_offsets"]), f["test_labels"])
             arrays = {k: f[k] for k in keys if k in found}
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read '{path}' as .npz ({e}): pass an .npz with {', '.join(keys)}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read '{path}' as .npz, it is truncated or damaged ({why}): "
+                        "copy or write the file again") from None
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise DataError(f"'{path}' lacks {missing} (has {found}): an .npz needs arrays {', '.join(keys)}")
