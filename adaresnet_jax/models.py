@@ -152,16 +152,19 @@ class BasicBlock(_Residual):
 
 
 class BottleneckBlock(_Residual):
-    """1x1, 3x3 (strided, as torchvision's v1.5), 1x1 x4 (ResNet-50/101/152)."""
+    """1x1, 3x3, 1x1 x4 (ResNet-50/101/152). The stride is on the 3x3 (torchvision's v1.5) or, with
+    ``stride_in_1x1``, on the first 1x1 (the original v1, as Keras' ``ResNet50``)."""
 
     filters: int = 64
     expansion: int = 4
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s = (self.strides, self.strides)
-        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
-        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s)(y)))
+        s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
+        y = self.act(self.norm()(self.conv(self.filters, (1, 1), s1)(x)))
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s3)(y)))
         y = self.norm()(self.conv(self.filters * self.expansion, (1, 1))(y))
         return self.combine(y, x)
 
@@ -280,6 +283,12 @@ _NETWORKS: dict[str, dict[str, Any]] = {
     # projection block; AddWithWeight(initializer='zeros') in every block. Its script's variant
     # (AddWithWeight2, RandomNormal(0.05), in the downsampling blocks): downsample_skip_init="normal".
     "paper": dict(stage_sizes=(2, 2, 2, 2), stage_strides=(2, 2, 2, 2), **_KERAS),
+    # The seed's baseline: keras.applications.ResNet50(weights=None, classes=10). ResNet v1 (stride
+    # in the first 1x1); explicit zero padding then 'valid' is our "symmetric" (the max-pool's zero
+    # padding follows a ReLU, so it equals our -inf padding); BN epsilon 1.001e-5.
+    "resnet50_keras": dict(stage_sizes=(3, 4, 6, 3),
+                           block_cls=functools.partial(BottleneckBlock, stride_in_1x1=True),
+                           **{**_KERAS, "padding": "symmetric", "bn_epsilon": 1.001e-5}),
     "resnet18": dict(stage_sizes=(2, 2, 2, 2)),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3)),
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),

@@ -12,9 +12,11 @@ from flax import traverse_util
 import adaresnet_jax as ar
 
 # (num_classes, trainable parameters with skip="identity", blocks): torchvision's, He et al.'s,
-# and the seed's Keras model (11,190,730 + 8 skip weights = 11,190,738).
+# the seed's Keras model (11,190,730 + 8 skip weights = 11,190,738) and its Keras ResNet50 baseline
+# (Keras counts 23,608,202 = 23,555,082 trainable + 53,120 BatchNorm moving statistics).
 COUNTS = {
     "paper": (10, 11_190_730, 8),
+    "resnet50_keras": (10, 23_555_082, 16),
     "resnet18": (1000, 11_689_512, 8),
     "resnet34": (1000, 21_797_672, 16),
     "resnet50": (1000, 25_557_032, 16),
@@ -90,6 +92,23 @@ def test_weighted_skip_computes_d_plus_w_x():
     np.testing.assert_allclose(per_channel.apply({"params": {"skip_weight": w}}, d, x), d + w * x, rtol=1e-6)
     normal = ar.WeightedSkip(weight_init="normal").init(jax.random.key(3), d, x)["params"]["skip_weight"]
     assert normal.shape == (1,) and 0.0 < abs(float(normal[0])) < 0.5
+
+
+def test_resnet50_keras_matches_keras_applications_resnet50():
+    model = ar.create_model("resnet50_keras", num_classes=10, skip="identity")
+    v = abstract_variables(model, 32)
+    assert n_params(v["params"]) == 23_555_082
+    assert n_params(v["batch_stats"]) == 53_120
+    assert n_params(v["params"]) + n_params(v["batch_stats"]) == 23_608_202  # model.count_params()
+    flat = traverse_util.flatten_dict(v["params"], sep="/")
+    assert all(k.replace("kernel", "bias") in flat for k in flat if k.endswith("kernel"))
+    # ResNet v1: the stride is on the first 1x1 convolution, and every stage opens with a projection.
+    assert flat["stage2_block1/Conv_0/kernel"].shape == (1, 1, 256, 128)
+    assert all(f"stage{i}_block1/proj_conv/kernel" in flat for i in range(1, 5))
+    assert not any("block2/proj" in k for k in flat)
+    assert model.bn_momentum == 0.99 and model.bn_epsilon == 1.001e-5
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape == (2, 10)
 
 
 def _init_skip_weights(name: str, **overrides) -> dict[str, float]:
