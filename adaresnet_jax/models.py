@@ -174,12 +174,14 @@ class ResNet(nn.Module):
 
     Attributes:
       stage_sizes: blocks per stage; stage ``i`` has ``num_filters * 2**i`` filters.
-      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock`.
+      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock` (or a partial of one, as
+        ``resnet50_keras``'s ``BottleneckBlock`` with ``stride_in_1x1=True``).
       num_classes: size of the final Dense layer.
       num_filters: width of the stem and of the first stage.
       stage_strides: stride of the first block of each stage.
       stem: ``"imagenet"`` (7x7/2 conv, BN, act, 3x3/2 max-pool) or ``"cifar"`` (3x3/1, BN, act).
-      padding: ``"same"`` (TF/Keras: the extra pad on the high side) or ``"symmetric"`` (PyTorch).
+      padding: ``"same"`` (TF/Keras: the extra pad on the high side) or ``"symmetric"`` (PyTorch,
+        and Keras' explicit ``ZeroPadding2D`` then ``"valid"``).
       shortcut: ``"projection"`` (1x1 conv + BN) or ``"zero_pad"`` (He et al. option A).
       skip: ``"identity"``, ``"learned"`` (AdaResNet) or ``"rezero"``.
       skip_init: initial skip weight: a number, ``"normal"`` or an initialiser.
