@@ -10,9 +10,13 @@ from adaresnet_jax.models import (
     SKIP_RULES,
     BasicBlock,
     BottleneckBlock,
+    IdentitySkip,
+    LearnedSkip,
     ResNet,
+    ReZeroSkip,
     WeightedSkip,
     create_model,
+    skip_module,
     skip_weights,
 )
 
@@ -21,9 +25,13 @@ __all__ = [
     "SKIP_RULES",
     "BasicBlock",
     "BottleneckBlock",
+    "IdentitySkip",
+    "LearnedSkip",
     "ResNet",
+    "ReZeroSkip",
     "WeightedSkip",
     "create_model",
+    "skip_module",
     "skip_weights",
 ]
 __version__ = "0.1.0"

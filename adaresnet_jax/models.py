@@ -4,12 +4,13 @@ AdaResNet (Hong Su, 2024, arXiv:2408.09958) changes one thing in a residual bloc
 ``act(F(x) + x)`` it computes ``act(F(x) + w * x)`` with ``w`` a trainable scalar per block,
 zero-initialised. Here that is one field of one module, ``ResNet.skip``:
 
-* ``"identity"``: ``act(F(x) + x)``, plain ResNet, no extra parameter;
-* ``"learned"``:  ``act(F(x) + w * x)``, AdaResNet, through :class:`WeightedSkip` (the default);
-* ``"rezero"``:   ``act(x + w * F(x))``, the ReZero placement (Bachlechner et al., 2020).
+* ``"identity"``: ``act(F(x) + x)``, plain ResNet, no extra parameter (:class:`IdentitySkip`);
+* ``"learned"``:  ``act(F(x) + w * x)``, AdaResNet (:class:`LearnedSkip`, the default);
+* ``"rezero"``:   ``act(x + w * F(x))``, the ReZero placement, Bachlechner et al. 2020 (:class:`ReZeroSkip`).
 
 ``x`` is the skip input after the shortcut (1x1 projection + BatchNorm, or zero padding) where the
-block changes shape. Inputs are NHWC. ``model.init(rng, x, train=False)`` returns
+block changes shape. Which module a block gets, and its initial weight, is decided in one place:
+:func:`skip_module`. Inputs are NHWC. ``model.init(rng, x, train=False)`` returns
 ``{"params", "batch_stats"}``; training applies with ``train=True, mutable=["batch_stats"]``.
 """
 
@@ -46,11 +47,27 @@ def skip_initializer(init: SkipInit) -> Callable[..., jax.Array]:
     return nn.initializers.constant(float(init))
 
 
-class WeightedSkip(nn.Module):
-    """``d + w * x``: the seed's ``AddWithWeight`` layer.
+def _skip_weight(module: nn.Module, like: jax.Array) -> jax.Array:
+    """The parameter ``skip_weight``, ``(1,)`` or ``(C,)``, shaped to broadcast against ``like``."""
+    shape = (like.shape[-1],) if module.per_channel else (1,)
+    w = module.param("skip_weight", skip_initializer(module.weight_init), shape, module.param_dtype)
+    return jnp.asarray(w, like.dtype).reshape((1,) * (like.ndim - 1) + shape)
 
-    ``d`` is the residual branch output and ``x`` the skip input (same shape, NHWC). ``w`` is the
-    parameter ``skip_weight`` of shape ``(1,)`` (the seed's) or ``(C,)`` with ``per_channel``.
+
+class IdentitySkip(nn.Module):
+    """``F(x) + x``: the plain ResNet add, no parameter."""
+
+    @nn.compact
+    def __call__(self, branch: jax.Array, x: jax.Array) -> jax.Array:
+        return branch + x
+
+
+class LearnedSkip(nn.Module):
+    """``F(x) + w * x``: AdaResNet, the seed's ``AddWithWeight`` layer (also exported as ``WeightedSkip``).
+
+    ``branch`` is ``F(x)``, the residual branch output, and ``x`` the skip input (same shape, NHWC).
+    ``w`` is the parameter ``skip_weight`` of shape ``(1,)`` (the seed's) or ``(C,)`` with
+    ``per_channel``, initialised by ``weight_init`` (a number, ``"normal"`` or an initialiser).
     """
 
     weight_init: SkipInit = 0.0
@@ -58,18 +75,46 @@ class WeightedSkip(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, d: jax.Array, x: jax.Array) -> jax.Array:
-        shape = (x.shape[-1],) if self.per_channel else (1,)
-        w = self.param("skip_weight", skip_initializer(self.weight_init), shape, self.param_dtype)
-        w = jnp.asarray(w, d.dtype).reshape((1,) * (d.ndim - 1) + shape)
-        return d + w * x
+    def __call__(self, branch: jax.Array, x: jax.Array) -> jax.Array:
+        return branch + _skip_weight(self, x) * x
+
+
+class ReZeroSkip(nn.Module):
+    """``x + w * F(x)``: ReZero (Bachlechner et al., 2020); same parameter as :class:`LearnedSkip`."""
+
+    weight_init: SkipInit = 0.0
+    per_channel: bool = False
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, branch: jax.Array, x: jax.Array) -> jax.Array:
+        return x + _skip_weight(self, branch) * branch
+
+
+WeightedSkip = LearnedSkip  # the name before IdentitySkip/ReZeroSkip existed; kept for compatibility
+
+
+def skip_module(rule: SkipRule, init: SkipInit = 0.0, *, downsample_init: SkipInit | None = None,
+                has_shortcut: bool = False, per_channel: bool = False, param_dtype: Any = jnp.float32,
+                name: str | None = None) -> nn.Module:
+    """The skip module of one block: the one place where the rule and the initial weight are chosen.
+
+    ``downsample_init`` (if not ``None``) replaces ``init`` only for a ``"learned"`` block that has a
+    shortcut (it changes shape); ReZero starts at ``init`` in every block; identity has no weight.
+    """
+    _check_choice("skip rule", rule, SKIP_RULES)
+    if rule == "identity":
+        return IdentitySkip(name=name)
+    if rule == "learned" and has_shortcut and downsample_init is not None:
+        init = downsample_init
+    cls = LearnedSkip if rule == "learned" else ReZeroSkip
+    return cls(weight_init=init, per_channel=per_channel, param_dtype=param_dtype, name=name)
 
 
 class _Residual(nn.Module):
     """Shared tail of every block: shortcut, the skip rule, activation."""
 
-    skip: SkipRule
-    skip_mod: ModuleDef
+    make_skip: Callable[..., nn.Module]  # skip_module with all but has_shortcut (and name) bound
     conv: ModuleDef
     norm: ModuleDef
     act: Callable[[jax.Array], jax.Array]
@@ -77,15 +122,10 @@ class _Residual(nn.Module):
     strides: int
 
     def combine(self, branch: jax.Array, x: jax.Array) -> jax.Array:
-        if x.shape != branch.shape:
+        has_shortcut = x.shape != branch.shape
+        if has_shortcut:
             x = self.project(x, branch.shape[-1])
-        if self.skip == "identity":
-            out = branch + x
-        elif self.skip == "learned":
-            out = self.skip_mod(name="skip")(branch, x)
-        else:  # rezero: x + w * F(x)
-            out = self.skip_mod(name="skip")(x, branch)
-        return self.act(out)
+        return self.act(self.make_skip(has_shortcut=has_shortcut, name="skip")(branch, x))
 
     def project(self, x: jax.Array, features: int) -> jax.Array:
         if self.shortcut == "projection":
@@ -112,16 +152,19 @@ class BasicBlock(_Residual):
 
 
 class BottleneckBlock(_Residual):
-    """1x1, 3x3 (strided, as torchvision's v1.5), 1x1 x4 (ResNet-50/101/152)."""
+    """1x1, 3x3, 1x1 x4 (ResNet-50/101/152). The stride is on the 3x3 (torchvision's v1.5) or, with
+    ``stride_in_1x1``, on the first 1x1 (the original v1, as Keras' ``ResNet50``)."""
 
     filters: int = 64
     expansion: int = 4
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s = (self.strides, self.strides)
-        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
-        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s)(y)))
+        s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
+        y = self.act(self.norm()(self.conv(self.filters, (1, 1), s1)(x)))
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), s3)(y)))
         y = self.norm()(self.conv(self.filters * self.expansion, (1, 1))(y))
         return self.combine(y, x)
 
@@ -131,20 +174,24 @@ class ResNet(nn.Module):
 
     Attributes:
       stage_sizes: blocks per stage; stage ``i`` has ``num_filters * 2**i`` filters.
-      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock`.
+      block_cls: :class:`BasicBlock` or :class:`BottleneckBlock` (or a partial of one, as
+        ``resnet50_keras``'s ``BottleneckBlock`` with ``stride_in_1x1=True``).
       num_classes: size of the final Dense layer.
       num_filters: width of the stem and of the first stage.
       stage_strides: stride of the first block of each stage.
       stem: ``"imagenet"`` (7x7/2 conv, BN, act, 3x3/2 max-pool) or ``"cifar"`` (3x3/1, BN, act).
-      padding: ``"same"`` (TF/Keras: the extra pad on the high side) or ``"symmetric"`` (PyTorch).
+      padding: ``"same"`` (TF/Keras: the extra pad on the high side) or ``"symmetric"`` (PyTorch,
+        and Keras' explicit ``ZeroPadding2D`` then ``"valid"``).
       shortcut: ``"projection"`` (1x1 conv + BN) or ``"zero_pad"`` (He et al. option A).
       skip: ``"identity"``, ``"learned"`` (AdaResNet) or ``"rezero"``.
       skip_init: initial skip weight: a number, ``"normal"`` or an initialiser.
-      downsample_skip_init: initial skip weight of blocks with a shortcut; ``None``: ``skip_init``.
+      downsample_skip_init: initial weight of ``"learned"`` blocks that have a shortcut (change
+        shape); ``None``: ``skip_init``. Never used by ReZero or by a block without a shortcut.
       skip_per_channel: one skip weight per channel instead of one per block.
       dtype / param_dtype: compute and parameter dtypes (bf16 compute, f32 params works).
       bn_momentum / bn_epsilon: BatchNorm settings (flax convention: 0.9 is PyTorch's 0.1).
       kernel_init: conv kernel initialiser.
+      head_init: kernel initialiser of the final Dense layer (its bias starts at zero).
       conv_bias: whether convolutions carry a bias.
       conv_impl: ``"xla"``, ``"slice_dot"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
       act: activation after every BN of the branch and after the add.
@@ -167,6 +214,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     kernel_init: Callable[..., jax.Array] = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    head_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()  # flax's Dense default
     conv_bias: bool = False
     conv_impl: str = "auto"
     act: Callable[[jax.Array], jax.Array] = nn.relu
@@ -201,21 +249,19 @@ class ResNet(nn.Module):
         else:
             x = self.act(norm(name="stem_bn")(conv(self.num_filters, (3, 3), name="stem_conv")(x)))
 
+        make_skip = functools.partial(
+            skip_module, self.skip, self.skip_init, downsample_init=self.downsample_skip_init,
+            per_channel=self.skip_per_channel, param_dtype=self.param_dtype)
         for i, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides)):
             for j in range(size):
-                init = self.skip_init
-                strides = stride if j == 0 else 1
-                if j == 0 and self.downsample_skip_init is not None:
-                    init = self.downsample_skip_init
-                skip_mod = functools.partial(WeightedSkip, weight_init=init, per_channel=self.skip_per_channel,
-                                             param_dtype=self.param_dtype)
                 x = self.block_cls(
-                    filters=self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
-                    act=self.act, skip=self.skip, skip_mod=skip_mod, shortcut=self.shortcut,
+                    filters=self.num_filters * 2**i, strides=stride if j == 0 else 1, conv=conv,
+                    norm=norm, act=self.act, make_skip=make_skip, shortcut=self.shortcut,
                     name=f"stage{i + 1}_block{j + 1}")(x)
 
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=self.head_init, name="head")(x)
         return jnp.asarray(x, jnp.float32)
 
 
@@ -229,14 +275,22 @@ def _conv(features: int, kernel_size: tuple[int, int], strides: tuple[int, int] 
 
 # ---------------------------------------------------------------------------- named networks
 
+# Keras' defaults: 'same' padding, conv bias, glorot_uniform kernels (conv and Dense), BatchNorm
+# momentum 0.99 (the same convention as flax's: new = 0.99 * old + 0.01 * batch) and epsilon 1e-3.
 _KERAS = dict(padding="same", bn_momentum=0.99, bn_epsilon=1e-3, conv_bias=True,
-              kernel_init=nn.initializers.glorot_uniform())
+              kernel_init=nn.initializers.glorot_uniform(), head_init=nn.initializers.glorot_uniform())
 
 _NETWORKS: dict[str, dict[str, Any]] = {
-    # The seed's Keras network: 8 blocks, every stage (64 too) opens with a stride-2 projection
-    # block. Its downsampling blocks use AddWithWeight2 (RandomNormal), the others zeros.
-    "paper": dict(stage_sizes=(2, 2, 2, 2), stage_strides=(2, 2, 2, 2), downsample_skip_init="normal",
-                  **_KERAS),
+    # The seed document's Keras network: 8 blocks, every stage (64 too) opens with a stride-2
+    # projection block; AddWithWeight(initializer='zeros') in every block. Its script's variant
+    # (AddWithWeight2, RandomNormal(0.05), in the downsampling blocks): downsample_skip_init="normal".
+    "paper": dict(stage_sizes=(2, 2, 2, 2), stage_strides=(2, 2, 2, 2), **_KERAS),
+    # The seed's baseline: keras.applications.ResNet50(weights=None, classes=10). ResNet v1 (stride
+    # in the first 1x1); explicit zero padding then 'valid' is our "symmetric" (the max-pool's zero
+    # padding follows a ReLU, so it equals our -inf padding); BN epsilon 1.001e-5.
+    "resnet50_keras": dict(stage_sizes=(3, 4, 6, 3),
+                           block_cls=functools.partial(BottleneckBlock, stride_in_1x1=True),
+                           **{**_KERAS, "padding": "symmetric", "bn_epsilon": 1.001e-5}),
     "resnet18": dict(stage_sizes=(2, 2, 2, 2)),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3)),
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),
@@ -255,6 +309,7 @@ def create_model(name: str, *, num_classes: int, skip: SkipRule = "learned", **o
     """The named network as a :class:`ResNet` module; ``overrides`` replace any of its fields.
 
     >>> m = create_model("paper", num_classes=10)                     # AdaResNet, the seed's net
+    >>> m = create_model("paper", num_classes=10, downsample_skip_init="normal")  # its script's variant
     >>> m = create_model("resnet50", num_classes=1000, skip="identity", dtype=jnp.bfloat16)
     """
     _check_choice("model name", name, MODEL_NAMES)

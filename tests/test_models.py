@@ -12,9 +12,11 @@ from flax import traverse_util
 import adaresnet_jax as ar
 
 # (num_classes, trainable parameters with skip="identity", blocks): torchvision's, He et al.'s,
-# and the seed's Keras model (11,190,730 + 8 skip weights = 11,190,738).
+# the seed's Keras model (11,190,730 + 8 skip weights = 11,190,738) and its Keras ResNet50 baseline
+# (Keras counts 23,608,202 = 23,555,082 trainable + 53,120 BatchNorm moving statistics).
 COUNTS = {
     "paper": (10, 11_190_730, 8),
+    "resnet50_keras": (10, 23_555_082, 16),
     "resnet18": (1000, 11_689_512, 8),
     "resnet34": (1000, 21_797_672, 16),
     "resnet50": (1000, 25_557_032, 16),
@@ -57,6 +59,10 @@ def test_paper_matches_the_seed_keras_model():
     assert all(k.replace("kernel", "bias") in flat for k in flat if k.endswith("kernel"))
     assert all(flat[k].shape == (1,) for k in flat if k.endswith("skip_weight"))
     assert model.bn_momentum == 0.99 and model.bn_epsilon == 1e-3
+    # Keras' glorot_uniform for the convolutions and for the Dense head.
+    key, glorot = jax.random.key(3), jax.nn.initializers.glorot_uniform()
+    for init, shape in [(model.kernel_init, (3, 3, 64, 64)), (model.head_init, (512, 10))]:
+        np.testing.assert_array_equal(init(key, shape), glorot(key, shape))
 
 
 def test_per_channel_skip_weights():
@@ -88,11 +94,80 @@ def test_weighted_skip_computes_d_plus_w_x():
     assert normal.shape == (1,) and 0.0 < abs(float(normal[0])) < 0.5
 
 
-def test_paper_downsampling_blocks_start_from_the_seeds_random_normal():
-    v = ar.create_model("paper", num_classes=10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    ws = {k: float(w[0]) for k, w in ar.skip_weights(v).items()}
+def test_resnet50_keras_matches_keras_applications_resnet50():
+    model = ar.create_model("resnet50_keras", num_classes=10, skip="identity")
+    v = abstract_variables(model, 32)
+    assert n_params(v["params"]) == 23_555_082
+    assert n_params(v["batch_stats"]) == 53_120
+    assert n_params(v["params"]) + n_params(v["batch_stats"]) == 23_608_202  # model.count_params()
+    flat = traverse_util.flatten_dict(v["params"], sep="/")
+    assert all(k.replace("kernel", "bias") in flat for k in flat if k.endswith("kernel"))
+    # ResNet v1: the stride is on the first 1x1 convolution, and every stage opens with a projection.
+    assert flat["stage2_block1/Conv_0/kernel"].shape == (1, 1, 256, 128)
+    assert all(f"stage{i}_block1/proj_conv/kernel" in flat for i in range(1, 5))
+    assert not any("block2/proj" in k for k in flat)
+    assert model.bn_momentum == 0.99 and model.bn_epsilon == 1.001e-5
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape == (2, 10)
+
+
+def _init_skip_weights(name: str, **overrides) -> dict[str, float]:
+    """Initial skip weights of a narrow copy of a named network (the skip rule does not depend on width)."""
+    model = ar.create_model(name, num_classes=10, num_filters=2, **overrides)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    return {k: float(w[0]) for k, w in ar.skip_weights(v).items()}
+
+
+def test_paper_skip_weights_all_start_at_exactly_zero():
+    """The seed document's AddWithWeight(initializer='zeros'), in both block kinds."""
+    ws = _init_skip_weights("paper")
+    assert len(ws) == 8 and all(w == 0.0 for w in ws.values()), ws
+    assert ar.create_model("paper", num_classes=10).downsample_skip_init is None
+
+
+def test_paper_random_normal_variant_in_the_downsampling_blocks():
+    """The seed's script: AddWithWeight2 (RandomNormal(0.05)) in the downsampling blocks only."""
+    ws = _init_skip_weights("paper", downsample_skip_init="normal")
     assert all(ws[f"stage{i}/block2"] == 0.0 for i in range(1, 5))
-    assert all(ws[f"stage{i}/block1"] != 0.0 for i in range(1, 5))
+    assert all(0.0 < abs(ws[f"stage{i}/block1"]) < 0.25 for i in range(1, 5)), ws
+
+
+@pytest.mark.parametrize("name", ["paper", "resnet18_cifar", "resnet20"])
+def test_rezero_starts_at_its_own_init_in_every_block(name):
+    for downsample in (None, 0.75, "normal"):
+        ws = _init_skip_weights(name, skip="rezero", skip_init=0.25, downsample_skip_init=downsample)
+        assert ws and all(w == 0.25 for w in ws.values()), (downsample, ws)
+
+
+@pytest.mark.parametrize("name,with_shortcut,without", [
+    ("paper", [f"stage{i}/block1" for i in range(1, 5)], [f"stage{i}/block2" for i in range(1, 5)]),
+    # stage1/block1 of these keeps its shape (stride 1, same width): it has no shortcut.
+    ("resnet18_cifar", ["stage2/block1", "stage3/block1", "stage4/block1"], ["stage1/block1", "stage4/block2"]),
+    ("resnet20", ["stage2/block1", "stage3/block1"], ["stage1/block1", "stage1/block2", "stage3/block3"]),
+])
+def test_downsample_skip_init_only_touches_learned_blocks_with_a_shortcut(name, with_shortcut, without):
+    ws = _init_skip_weights(name, skip_init=0.25, downsample_skip_init=0.75)
+    assert {k for k, w in ws.items() if w == 0.75} == set(with_shortcut)
+    assert all(ws[k] == 0.25 for k in without)
+
+
+def test_skip_module_picks_one_module_per_block():
+    def pick(rule, has_shortcut):
+        return ar.skip_module(rule, 0.25, downsample_init=0.7, has_shortcut=has_shortcut)
+    assert type(pick("identity", True)) is ar.IdentitySkip
+    assert type(pick("learned", False)) is ar.LearnedSkip and pick("learned", False).weight_init == 0.25
+    assert pick("learned", True).weight_init == 0.7
+    assert type(pick("rezero", True)) is ar.ReZeroSkip and pick("rezero", True).weight_init == 0.25
+    assert ar.WeightedSkip is ar.LearnedSkip
+
+
+def test_rezero_skip_computes_x_plus_w_branch():
+    d, x = jax.random.normal(jax.random.key(1), (2, 2, 3, 4, 5))
+    v = ar.ReZeroSkip(weight_init=0.5).init(jax.random.key(0), d, x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"skip_weight": (1,)}}
+    np.testing.assert_allclose(ar.ReZeroSkip().apply(v, d, x), x + 0.5 * d, rtol=1e-6)
+    assert ar.IdentitySkip().init(jax.random.key(0), d, x) == {}
+    np.testing.assert_array_equal(ar.IdentitySkip().apply({}, d, x), d + x)
 
 
 def _set_skip(params, value: float):
