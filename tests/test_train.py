@@ -271,6 +271,25 @@ def test_non_finite_loss_stops_without_saving(tmp_path: Path, capsys: pytest.Cap
     assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*"))
 
 
+def test_step_cadence_and_time_based_checkpoints(tmp_path: Path) -> None:
+    """8 steps an epoch, 2 epochs. Rows every 3 steps and at each evaluation (every epoch, by default) and the
+    end; checkpoints every 5 steps and at the end. Then --checkpoint-every-minutes (tiny): a checkpoint at
+    every row step, the time decided there."""
+    flags = TINY + ["--epochs", "2", "--keep-checkpoints", "20"]
+    wd = tmp_path / "steps"
+    assert T.main(flags + ["--log-every-steps", "3", "--checkpoint-every-steps", "5", "--workdir", str(wd)]) == 0
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 0.375), (6, 0.75), (8, 1), (9, 1.125), (12, 1.5),
+                                                       (15, 1.875), (16, 2)]
+    assert [r["step"] for r in rows if r["test_acc"] is not None] == [8, 16]
+    assert all(r["bad_images"] is None and set(r) == set(EPOCH_KEYS) for r in rows)
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [5, 10, 15, 16]
+    wd = tmp_path / "minutes"
+    assert T.main(flags + ["--log-every-steps", "2", "--checkpoint-every", "9", "--checkpoint-every-minutes", "1e-9",
+                           "--workdir", str(wd)]) == 0
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("argv, match", [

@@ -354,6 +354,8 @@ class DevicePrefetch:
         return item
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
         close = getattr(self.source, "close", None)
