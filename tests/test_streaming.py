@@ -401,3 +401,17 @@ def test_imagenet_presets_start(folder: Path, tmp_path: Path, capsys: pytest.Cap
     assert (cfg["model"], cfg["input"], cfg["lr_batch"], cfg["dtype"], cfg["val_split"]) == \
         ("tiny", "streaming", 256, "auto", 0.01)
     assert r[-1]["lr"] == pytest.approx(0.1 * 32 / 256 * 5 / (5 * 9))  # linear warm-up over 5 epochs of 9 steps
+
+
+def test_input_pipeline_benchmark_smallest_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/input_pipeline.py end to end, at its smallest (speed is never asserted)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import input_pipeline
+
+    out = tmp_path / "ip.json"
+    report = input_pipeline.main(["--images", "24", "--workers", "0", "--steps", "1", "--rounds", "1", "--model", "tiny",
+                                  "--batch-size", "8", "--image-size", "32", "--dir", str(tmp_path), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["images_per_s"]) == {"workers=0", "train step"} and saved["per_core"]["train"] > 0
+    assert all(v > 0 for xs in report["images_per_s"].values() for v in xs) and saved["cores"] >= 1
+    assert "| pipeline, 0 worker processes (threads) |" in capsys.readouterr().out
