@@ -61,6 +61,9 @@ class Config:
     model: str = _f("resnet20", "network name", choices=MODEL_NAMES)
     skip: str = _f("learned", "residual rule: identity (ResNet), learned (AdaResNet), rezero", choices=SKIP_RULES)
     skip_init: float | None = _f(None, "initial skip weight (none: the network's default, 0 for AdaResNet)")
+    downsample_skip_init: str | None = _f(None, "initial skip weight of learned blocks with a shortcut: a number or "
+                                                "'normal' (Keras' RandomNormal(0.05), the seed script's variant)")
+    skip_per_channel: bool = _f(False, "one skip weight per channel instead of one per block")
     width: int | None = _f(None, "width of the first stage (num_filters); none: the network's own")
     conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: hybrid on CPU, xla elsewhere; see adaresnet_jax.conv)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
@@ -172,6 +175,11 @@ class Config:
             out["num_filters"] = self.width
         if self.skip_init is not None:
             out["skip_init"] = self.skip_init
+        if self.downsample_skip_init is not None:
+            d = self.downsample_skip_init
+            out["downsample_skip_init"] = d if d == "normal" else float(d)
+        if self.skip_per_channel:
+            out["skip_per_channel"] = True
         return out
 
 
@@ -208,6 +216,12 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"label_smoothing is {cfg.label_smoothing}: it must be in [0, 1)")
     if not 0 <= cfg.val_split < 1:
         raise ValueError(f"val_split is {cfg.val_split}: it must be in [0, 1) (0 disables validation)")
+    d = cfg.downsample_skip_init
+    if d is not None and d != "normal":
+        try:
+            float(d)
+        except ValueError:
+            raise ValueError(f"downsample_skip_init is {d!r}: use a number or 'normal'") from None
     name = cfg.dataset
     if name.startswith(("/", ".", "~")) or name.endswith((".npz", ".tar.gz", ".tgz", ".tar")) or (
             "/" in name and Path(name).exists()):  # (TFDS names may hold a "/": "imagenette/320px-v2")

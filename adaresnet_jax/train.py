@@ -195,6 +195,9 @@ def run(cfg: Config) -> dict[str, Any]:
                      f"{f' in {n_procs} processes' if n_procs != 1 else ''} (step {start_step})")
         else:
             start_step, state = 0, create_state(model, tx, image_shape, seed=cfg.seed, mesh=mesh)
+            if proc0:  # the initial skip weights: the trajectories' epoch 0 (summary.json "skip_weights_init")
+                init = skip_values(jax.device_get(skip_weights(state["params"])))
+                (workdir / "skip_weights_init.json").write_text(json.dumps(init) + "\n")
         ckpt_lib.write_config(workdir, cfg)
         if classes is not None and proc0:
             (workdir / "classes.json").write_text(json.dumps(list(classes)) + "\n")  # label i is classes[i]
@@ -438,6 +441,8 @@ def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: fl
         "test_acc_at_best_val": best["test_acc"] if best else None,
         "best_val_acc": best["val_acc"] if best else None, "best_val_epoch": best["epoch"] if best else None,
         "skip_weights": skip_values(jax.device_get(skip_weights(state["params"]))),
+        "skip_weights_init": json.loads(init.read_text()) if (init := Path(c.cfg.workdir) / "skip_weights_init.json").exists()
+        else None,
         "num_params": int(sum(np.size(a) for a in jax.tree.leaves(state["params"]))),
         "wall_time_s": time.perf_counter() - wall0, "compile_time_s": compile_time,
         "first_step_time_s": first_step_time, "train_time_s": train_time,

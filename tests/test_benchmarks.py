@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import convergence  # noqa: E402
+import stats  # noqa: E402
 import throughput  # noqa: E402
 
 import adaresnet_jax as ar  # noqa: E402
@@ -90,13 +91,55 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     assert alone["rules"]["identity"]["test_acc"] == result["rules"]["identity"]["test_acc"]
 
 
-def test_welch_interval_matches_scipy():
-    from scipy import stats
+def test_welch_and_paired_intervals_match_scipy():
+    from scipy import stats as sp
 
     a, b = [0.80, 0.82, 0.81, 0.79], [0.84, 0.83, 0.86, 0.85]
-    w = convergence.welch(a, b)
-    assert w["p"] == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    w = stats.welch(a, b)
+    assert w["p"] == pytest.approx(sp.ttest_ind(b, a, equal_var=False).pvalue)
     assert w["lo"] < w["diff"] < w["hi"] and w["diff"] == pytest.approx(0.04)
+    d = stats.paired(a, b)
+    assert d["p"] == pytest.approx(sp.ttest_rel(b, a).pvalue) and d["diff"] == pytest.approx(0.04)
+    assert d["wilcoxon_p"] == pytest.approx(sp.wilcoxon([y - x for x, y in zip(a, b)]).pvalue)
+    assert (d["positive"], d["negative"], d["n"]) == (4, 0, 4)
+    # The pairing matters: seeds that move together give a much narrower paired interval.
+    a2, b2 = [0.70, 0.80, 0.90], [0.71, 0.81, 0.92]
+    assert stats.paired(a2, b2)["hi"] - stats.paired(a2, b2)["lo"] < (stats.welch(a2, b2)["hi"] - stats.welch(a2, b2)["lo"]) / 5
+
+
+def test_zero_standard_error_gives_nan_not_zero():
+    assert math.isnan(stats.welch([0.5, 0.5], [0.6, 0.6])["p"])
+    same_diff = stats.paired([0.5, 0.25, 0.75], [0.75, 0.5, 1.0])  # every difference exactly +0.25: se 0
+    assert math.isnan(same_diff["p"]) and same_diff["diff"] == 0.25 and same_diff["positive"] == 3
+    assert math.isnan(stats.paired([0.5], [0.6])["p"])
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.paired([0.5, 0.6], [0.6])
+
+
+def test_holm_adjustment():
+    # Holm (1979): sorted p times (m - rank), made monotone, capped at 1; NaN is not a test.
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert stats.last_k_mean([0.1, 0.2, 0.3, 0.4], 3) == pytest.approx(0.3)
+
+
+def test_convergence_variants_and_paired_report(tmp_path):
+    """Variants with their own flags (learned from w0 = 1): the paired analysis and last-k columns, the
+    initial skip weights at epoch 0 of the trajectories, and a colour that is the variant's own."""
+    out = tmp_path / "sweep"
+    args = ["--preset", "quick", "--seeds", "2", "--out", str(out), "--last-k", "2", "--model", "tiny",
+            "--epochs", "2", "--max-train", "128", "--max-test", "64", "--batch-size", "32",
+            "--variants", "identity=--skip identity;learned-w1=--skip learned --skip-init 1"]
+    result = convergence.main(args)
+    r = result["rules"]["learned-w1"]
+    assert r["vs_base_paired"]["n"] == 2 and len(r["last_k"]) == 2
+    assert r["last_k_vs_base_paired"]["diff"] == pytest.approx(
+        sum(r["last_k"]) / 2 - sum(result["rules"]["identity"]["last_k"]) / 2)
+    summary = json.loads((out / "learned-w1-seed0" / "summary.json").read_text())
+    assert summary["skip_weights_init"] == {"stage1/block1": 1.0, "stage2/block1": 1.0}
+    assert summary["config"]["skip_init"] == 1.0
+    assert "paired" in result["table"] and "last 2 epochs" in result["table"] and "| learned-w1 |" in result["table"]
+    assert convergence.color("identity", ["identity", "x"]) == "black" != convergence.color("x", ["identity", "x"])
 
 
 @pytest.mark.slow
@@ -119,3 +162,25 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path):
         assert json.loads((out / name).read_text())
     rows = json.loads((out / "throughput-bf16.json").read_text())["results"]
     assert {r["dtype"] for r in rows} == {"bfloat16"} and {r["skip"] for r in rows} == {"identity", "learned"}
+
+
+@pytest.mark.slow
+def test_gpu_science_script_runs_end_to_end_with_tiny_models(tmp_path):
+    """results/gpu_science.sh (the GPU part of RESULTS.md) with EXTRA making every run tiny, on CPU: every
+    section runs and writes its sweep table, so a GPU lease is not spent finding a typo."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (64, 32, 32, 3), np.uint8), y_train=rng.integers(0, 10, 64),
+             x_test=rng.integers(0, 256, (32, 32, 32, 3), np.uint8), y_test=rng.integers(0, 10, 32))
+    out = tmp_path / "science"
+    env = {**os.environ, "PYTHON": sys.executable, "CIFAR10_NPZ": str(data), "OUT": str(out), "SEEDS": "1",
+           "EXTRA": "--model tiny --epochs 1 --max-train 48 --max-test 32 --batch-size 16 --val-split 0.25"}
+    script = Path(__file__).resolve().parents[1] / "results" / "gpu_science.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = sorted(p.parent.name for p in out.glob("*/convergence.json"))
+    assert sweeps == ["depth-full-resnet110", "depth-full-resnet20", "depth-full-resnet56", "paper-full",
+                      "paper-full-resnet50keras"]
+    depth = json.loads((out / "depth-full-resnet56" / "convergence.json").read_text())
+    assert set(depth["rules"]) == {"identity", "learned", "learned-w1", "rezero"}
+    assert depth["config"]["dtype"] == "bfloat16" and depth["config"]["preset"] == "cifar"

@@ -30,7 +30,7 @@ from adaresnet_jax.config import PRESETS, Config, build_parser, parse_config
 from adaresnet_jax.metrics import EPOCH_KEYS
 from adaresnet_jax.models import create_model
 from helpers import (  # noqa: F401 (autouse fixture)
-    assert_trees_equal, compilation_cache, count_compiles, final_params, free_port, run_processes)
+    assert_trees_equal, compilation_cache, count_compiles, final_params, free_port, run_processes, xla_flags)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
@@ -424,7 +424,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path: Path) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     code = f"WORKDIR = {str(tmp_path)!r}\n" + EIGHT_DEVICES
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -1,0 +1,74 @@
+"""The statistics of a seed sweep: paired and unpaired intervals, a signed-rank test, Holm's correction.
+
+Runs of one seed share their initial weights and data order bit for bit across skip rules (flax derives
+each parameter's key from its module path, and the data order from the seed alone), so the design is
+paired: the per-seed difference is the quantity to test. Welch's interval is reported beside it for
+comparison with unpaired reports. A standard error of exactly zero gives NaN p-values, never p = 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+NAN = math.nan
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else NAN
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """mean(b) - mean(a) with a 95% Welch interval and two-sided p (NaN under 2 seeds or a zero SE)."""
+    from scipy import stats
+
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    if min(len(a), len(b)) < 2:
+        return {"diff": diff, "lo": NAN, "hi": NAN, "p": NAN}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "lo": NAN, "hi": NAN, "p": NAN}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = float(stats.t.ppf(0.975, df))
+    return {"diff": diff, "lo": diff - t * se, "hi": diff + t * se,
+            "p": float(2 * stats.t.sf(abs(diff / se), df)), "df": df}
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Per-seed differences b_i - a_i: their mean with a 95% t interval and two-sided p (paired t-test),
+    the Wilcoxon signed-rank p (exact for small n), and how many differences are positive / negative."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError(f"paired analysis needs the same seeds on both sides, got {len(a)} and {len(b)} runs")
+    d = [y - x for x, y in zip(a, b)]
+    out = {"diff": statistics.fmean(d), "lo": NAN, "hi": NAN, "p": NAN, "wilcoxon_p": NAN, "n": len(d),
+           "positive": sum(x > 0 for x in d), "negative": sum(x < 0 for x in d)}
+    if len(d) < 2:
+        return out
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    if se > 0:
+        t = float(stats.t.ppf(0.975, len(d) - 1))
+        out.update(lo=out["diff"] - t * se, hi=out["diff"] + t * se,
+                   p=float(2 * stats.t.sf(abs(out["diff"] / se), len(d) - 1)))
+    if any(x != 0 for x in d):
+        out["wilcoxon_p"] = float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
+    return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order; NaN stays NaN and does not count as a test)."""
+    valid = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m, adjusted, running = len(valid), [NAN] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(valid):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def last_k_mean(accuracies: Sequence[float], k: int) -> float:
+    """Mean of the last ``k`` values (all of them if there are fewer)."""
+    tail = list(accuracies)[-k:]
+    return statistics.fmean(tail)
