@@ -456,7 +456,6 @@ def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: fl
     }
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: 0 done (or stopped by SIGTERM with a checkpoint), 1 diverged or failed,
     2 bad input, 3 no clean stop within --stop-timeout of SIGTERM.
