@@ -505,3 +505,27 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.glob("adaresnet_jax-*.dist-info"))
+
+
+def test_last_partial_batch_is_trained_like_keras_fit(tmp_path: Path) -> None:
+    """--no-drop-last (preset paper, as Keras' fit): 100 images at batch 32 make 3 full batches and one of
+    4 every epoch; each epoch's permutation covers every image once; resume inside an epoch is exact."""
+    mesh = T.make_mesh()
+    full = T.make_epoch_permutation(7, 100, 32, mesh)(3)
+    tail = T.make_epoch_tail(7, 100, 32, mesh)(3)
+    assert full.shape == (3, 32) and tail.shape == (4,)
+    assert sorted(np.concatenate([np.asarray(full).ravel(), np.asarray(tail)]).tolist()) == list(range(100))
+    assert T.make_epoch_tail(7, 96, 32, mesh)(0) is None and T.make_epoch_tail(7, 101, 32, mesh, multiple=2)(0).shape == (4,)
+    base = [f for f in TINY if f not in ("256", "--max-train")] + ["--max-train", "100", "--schedule", "constant",
+                                                                   "--augment"]
+    flags = base + ["--no-drop-last"]
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "a")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert T.main(flags + ["--epochs", "2", "--stop-after-steps", "6", "--workdir", str(tmp_path / "b")]) == 0
+    assert final_params(tmp_path / "b")[0] == 6
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "b")]) == 0
+    assert_trees_equal(final_params(tmp_path / "a")[1], final_params(tmp_path / "b")[1])
+    assert T.main(base + ["--epochs", "2", "--workdir", str(tmp_path / "dropped")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "dropped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]  # the default drops the 4 left over
