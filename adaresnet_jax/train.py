@@ -126,8 +126,10 @@ def run(cfg: Config) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
     saved = ckpt_lib.load_config(workdir)
     if cfg.eval_only and saved is not None:
-        # --eval-only uses the run's own config; only the harmless flags come from the command line.
-        cfg = dataclasses.replace(Config.from_dict(saved), **{k: getattr(cfg, k) for k in RESUME_SAFE_FIELDS})
+        # --eval-only uses the run's own config; only the harmless flags come from the command line, and
+        # the run's own data location unless --data-dir names another.
+        given = {k: getattr(cfg, k) for k in RESUME_SAFE_FIELDS if not (k == "data_dir" and cfg.data_dir is None)}
+        cfg = dataclasses.replace(Config.from_dict(saved), **given)
     if cfg.eval_only and not any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"--eval-only: workdir '{workdir}' has no checkpoints")
     try:

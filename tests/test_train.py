@@ -208,9 +208,8 @@ def test_eval_only_reproduces_summary(mocked_run: Path, capsys: pytest.CaptureFi
     assert result["step"] == summary["step"] and result["test_acc"] == summary["test_acc"]
     assert result["val_acc"] == summary["val_acc"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_acc"] == summary["test_acc"]
-    with tfds_mock(num_examples=96):
-        assert T.main(["--eval-only", "--eval-from", "best", "--workdir", str(mocked_run),
-                       "--data-dir", str(mocked_run / "tfds")]) == 0
+    with tfds_mock(num_examples=96):  # no --data-dir: the run's own data location
+        assert T.main(["--eval-only", "--eval-from", "best", "--workdir", str(mocked_run)]) == 0
     best = json.loads((mocked_run / "eval_best.json").read_text())
     assert best["step"] == 4 * summary["best_val_epoch"] and best["val_acc"] == summary["best_val_acc"]
     assert best["test_acc"] == summary["test_acc_at_best_val"]
