@@ -61,6 +61,7 @@ COMPARISONS = [
       for v in ("learned", "learned-w1", "rezero")],
     *[_c(f"digits, Adam lr {lr}: {v} vs identity", f"digits-lr{lr}", "identity", v)
       for lr in ("0.001", "0.003", "0.01", "0.03") for v in ("learned", "learned-x10")],
+    _c("digits, 60 epochs: learned-w1 vs learned", "digits-60ep", "learned", "learned-w1"),
     _c("CIFAR-10 5k, 50 epochs: learned-w1 vs learned", "cifar-r20-5k-50ep", "learned", "learned-w1"),
 ]
 
