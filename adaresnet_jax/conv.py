@@ -13,7 +13,7 @@ implementation by name with :func:`conv_fn`.
 
 ``tuned_conv`` goes further: a ``jax.custom_vjp`` that runs each of the three passes of each
 convolution (forward, input gradient, kernel gradient) with the algorithm measured fastest for its
-shape on CPU (:func:`plan`): XLA's convolution, slice-and-dot, Winograd F(2x2, 3x3)
+shape on CPU (:func:`plan`): XLA's convolution, slice-and-dot, Winograd F(2x2, 3x3) or F(4x4, 3x3)
 (:mod:`adaresnet_jax.winograd`), or, for the kernel gradient, im2col products over cache-sized batch
 chunks. XLA's own kernel gradient is the slow part of a CPU train step (2-5x its forward pass).
 """
@@ -164,9 +164,10 @@ def hybrid_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
 
 # ----------------------------------------------------------------------------- tuned: an algorithm per pass
 
-FORWARD_ALGORITHMS = ("xla", "slice_dot", "winograd")
-INPUT_GRAD_ALGORITHMS = ("xla", "slice_dot", "winograd")
-KERNEL_GRAD_ALGORITHMS = ("xla", "im2col", "winograd")
+# winograd: F(2x2, 3x3); winograd4: F(4x4, 3x3) (adaresnet_jax.winograd)
+FORWARD_ALGORITHMS = ("xla", "slice_dot", "winograd", "winograd4")
+INPUT_GRAD_ALGORITHMS = ("xla", "slice_dot", "winograd", "winograd4")
+KERNEL_GRAD_ALGORITHMS = ("xla", "im2col", "winograd", "winograd4")
 IM2COL_CHUNK_ROWS = 1024  # output positions per chunk of the im2col kernel gradient
 WINOGRAD_MIN_CHANNELS = 128  # below, XLA's own convolution is as fast on CPU (forward and input gradient)
 
@@ -193,11 +194,11 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
     """The measured choice for one NHWC/HWIO convolution on CPU (benchmarks/conv_profile.py, benchmarks/README.md).
 
     - forward and input gradient: Winograd for stride-1 3x3 layers with at least WINOGRAD_MIN_CHANNELS
-      channels in and out on maps of 2x2 to 8x8 (there it needs half of XLA's time or less); slice-and-dot
-      for outputs of at most HYBRID_MAX_POSITIONS positions; XLA's convolution otherwise (large maps,
-      and few channels, where it is fast);
-    - kernel gradient: Winograd for stride-1 3x3 layers with at least 16 output positions, chunked im2col
-      products for every other layer (XLA's kernel gradient takes 2-5x as long on CPU).
+      channels in and out on maps of 2x2 to 16x16, F(4x4, 3x3) from 4x4 up, F(2x2, 3x3) below (0.85x of
+      XLA's time at 16x16, half or less at 8x8 and under); slice-and-dot for outputs of at most
+      HYBRID_MAX_POSITIONS positions; XLA's convolution otherwise (large maps, and few channels);
+    - kernel gradient: Winograd for every stride-1 3x3 layer on a map of 2x2 or more (F(4x4, 3x3) from
+      4x4 up), chunked im2col products for every other layer (XLA's own kernel gradient takes 2-5x as long).
 
     Chunks (cache-sized ``lax.scan``) only on a single device: a scan over a batch that is sharded over
     devices would gather it.
@@ -205,12 +206,13 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
     cin, cout = x_shape[3], w_shape[3]
     oh, ow = _conv_out(x_shape, w_shape, strides, pads)
     positions = oh * ow
-    wino = winograd_applies(x_shape, w_shape, strides, pads, dtype)
-    if wino and 4 <= positions <= 64 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS:
-        direct = "winograd"
+    wino = winograd_applies(x_shape, w_shape, strides, pads, dtype) and positions >= 4
+    winograd_m = "winograd4" if positions >= 16 else "winograd"
+    if wino and positions <= 256 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS:
+        direct = winograd_m
     else:
         direct = "slice_dot" if positions <= HYBRID_MAX_POSITIONS else "xla"
-    return Plan(forward=direct, input_grad=direct, kernel_grad="winograd" if wino and positions >= 16 else "im2col",
+    return Plan(forward=direct, input_grad=direct, kernel_grad=winograd_m if wino else "im2col",
                 chunked=jax.device_count() == 1)
 
 
@@ -219,11 +221,16 @@ def _conv_out(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[
     return tuple((x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2))
 
 
+def _tile(algorithm: str) -> int:
+    """The output tile of a Winograd algorithm: 4 for "winograd4", 2 for "winograd"."""
+    return 4 if algorithm == "winograd4" else 2
+
+
 def forward(algorithm: str, x: jax.Array, w: jax.Array, strides: tuple[int, int],
             pads: Sequence[tuple[int, int]], chunked: bool = True) -> jax.Array:
     """The convolution (NHWC x HWIO -> NHWC) by ``algorithm`` (one of FORWARD_ALGORITHMS)."""
-    if algorithm == "winograd":
-        return winograd.conv3x3(x, w, chunked)
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3(x, w, _tile(algorithm), chunked)
     fn = slice_dot_conv if algorithm == "slice_dot" else lax.conv_general_dilated
     return fn(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -231,8 +238,8 @@ def forward(algorithm: str, x: jax.Array, w: jax.Array, strides: tuple[int, int]
 def input_grad(algorithm: str, x: jax.Array, w: jax.Array, dy: jax.Array, strides: tuple[int, int],
                pads: Sequence[tuple[int, int]], chunked: bool = True) -> jax.Array:
     """d(conv(x, w))/dx applied to ``dy`` by ``algorithm``: winograd, or the autodiff of xla / slice_dot."""
-    if algorithm == "winograd":
-        return winograd.conv3x3_input_grad(w, dy, chunked)
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3_input_grad(w, dy, _tile(algorithm), chunked)
     return jax.vjp(lambda a: forward(algorithm, a, w, strides, pads), x)[1](dy)[0]
 
 
@@ -243,8 +250,8 @@ def kernel_grad(algorithm: str, x: jax.Array, w_shape: Sequence[int], dy: jax.Ar
     ``im2col``: ``dy^T @ patches`` over the live taps, accumulated in float32 over batch chunks of about
     IM2COL_CHUNK_ROWS output positions, so each chunk's patch matrix stays in cache; dead taps get zeros.
     """
-    if algorithm == "winograd":
-        return winograd.conv3x3_kernel_grad(x, dy, chunked)
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3_kernel_grad(x, dy, _tile(algorithm), chunked)
     if algorithm == "xla":
         zero = jnp.zeros(w_shape, x.dtype)
         return jax.vjp(lambda b: forward("xla", x, b, strides, pads), zero)[1](dy)[0]
@@ -303,7 +310,7 @@ def tuned_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
 
     Fast path: NHWC/HWIO 2-D convolutions without dilation or groups, non-negative padding, no
     ``precision``/``preferred_element_type``; anything else is ``hybrid_conv``. Values and gradients equal
-    ``lax.conv_general_dilated``'s up to float32 round-off (Winograd: relative error ~1e-6).
+    ``lax.conv_general_dilated``'s up to float32 round-off (Winograd: relative error ~1e-6 for F(2x2, 3x3), ~5e-6 for F(4x4, 3x3)).
     """
     dn = kwargs.get("dimension_numbers")
     plain = all(kwargs.get(k) in (None, 1, (1, 1)) for k in

@@ -1,39 +1,43 @@
-"""Winograd F(2x2, 3x3) for stride-1, pad-1 3x3 convolutions (NHWC, HWIO), with its own gradients.
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) for stride-1, pad-1 3x3 convolutions (NHWC, HWIO), with gradients.
 
-Lavin & Gray (2016), "Fast Algorithms for Convolutional Neural Networks": every 2x2 output tile is
-``A^T [(G g G^T) * (B^T d B)] A`` for the 4x4 input tile ``d`` around it, so a 3x3 convolution becomes
-16 independent matrix products over channels (one per position of the 4x4 transformed tile) with 2.25x
-fewer multiplies than the direct form. The transforms only add and halve (points 0, +1, -1, inf), so
-the result differs from a direct convolution by float32 round-off (relative error ~1e-6, tested).
+Lavin & Gray (2016), "Fast Algorithms for Convolutional Neural Networks": every m x m output tile is
+``A^T [(G g G^T) * (B^T d B)] A`` for the (m+2) x (m+2) input tile ``d`` around it, so a 3x3 convolution
+becomes (m+2)^2 independent matrix products over channels, one per position of the transformed tile:
+2.25x fewer multiplies than the direct form for m = 2, 4x for m = 4. The result differs from a direct
+convolution by round-off: m = 2 only adds and halves (relative error ~1e-6 in float32, as XLA's own),
+m = 4 interpolates at 0, +-1, +-2, inf and multiplies by up to 8 (~5e-6); the tests bound both.
 
-Each 2-D transform is one matrix product with a constant Kronecker matrix over the 16 (or 4) tile
-positions, and the tiles are read by one gather, which XLA fuses with the padding: a layer compiles to a
-handful of kernels. The batch is processed in chunks (``lax.scan``) small enough that the transformed
-tiles stay in cache; the chunk is the smallest divisor of the batch that gives at least
-``MIN_TILE_ROWS`` tiles per product. The gradients are Winograd too: the input gradient is the forward
-pass of ``dy`` with the kernel rotated by 180 degrees and transposed, the kernel gradient is
-``G^T [sum over tiles of V^T dM] G`` with ``dM`` the adjoint output transform of ``dy``.
+Each 2-D transform is one matrix product with a constant Kronecker matrix over the flattened tile, and
+the tiles are read by one gather, which XLA fuses with the padding: a layer compiles to a handful of
+kernels. The batch is processed in chunks (``lax.scan``) small enough that the transformed tiles stay
+in cache: the smallest divisor of the batch that gives at least ``MIN_TILE_ROWS`` tiles per product.
+The gradients are Winograd too: the input gradient is the forward pass of ``dy`` with the kernel rotated
+by 180 degrees and transposed; the kernel gradient is ``G^T [sum over tiles of V^T dM] G``, with ``V``
+the input transform of ``x`` and ``dM`` the adjoint output transform of ``dy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)  # input transform
-G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)      # kernel transform
-AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)                                # output transform
 MIN_TILE_ROWS = 256
 
-
-# The 2-D transforms as single matrices over the flattened tile (Kronecker products), so that each
-# transform is one matrix product and XLA compiles a handful of kernels per layer, not one per element.
-_IN = np.kron(BT, BT)        # (16, 16): tile (r, q) -> transformed (a, b)
-_OUT = np.kron(AT, AT)       # (4, 16): transformed (a, b) -> output (o, p)
+# (B^T, G, A^T) of F(m, 3): input transform (a, a), kernel transform (a, 3), output transform (m, a), a = m + 2.
+MATRICES: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                  [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])),
+}
 
 
 def _apply(mat: np.ndarray, x: jax.Array) -> jax.Array:
@@ -42,35 +46,40 @@ def _apply(mat: np.ndarray, x: jax.Array) -> jax.Array:
     return y.reshape(mat.shape[0], *x.shape[1:])
 
 
-def _input_transform(xp: jax.Array, tiles: int) -> jax.Array:
-    """(b, 2t+2, 2t+2, c), padded -> (16, b*t*t, c): ``B^T d B`` of every 4x4 tile ``d`` (stride 2)."""
-    b, _, _, c = xp.shape
-    idx = 2 * np.arange(tiles)[None, :] + np.arange(4)[:, None]  # (4, t): row 2i + r of tile i
-    d = xp[:, idx[:, None, :, None], idx[None, :, None, :]]  # (b, 4, 4, t, t, c): one gather
-    v = lax.dot_general(jnp.asarray(_IN.reshape(16, 4, 4), xp.dtype), d, (((1, 2), (1, 2)), ((), ())))
-    return v.reshape(16, b * tiles * tiles, c)
+def _input_transform(xp: jax.Array, tiles: int, m: int) -> jax.Array:
+    """(b, m*t + 2, m*t + 2, c), padded -> (a*a, b*t*t, c): ``B^T d B`` of every a x a tile ``d`` (stride m)."""
+    bt = MATRICES[m][0]
+    a, (b, c) = m + 2, (xp.shape[0], xp.shape[-1])
+    idx = m * np.arange(tiles)[None, :] + np.arange(a)[:, None]  # (a, t): row m*i + r of tile i
+    d = xp[:, idx[:, None, :, None], idx[None, :, None, :]]  # (b, a, a, t, t, c): one gather
+    v = lax.dot_general(jnp.asarray(np.kron(bt, bt).reshape(a * a, a, a), xp.dtype), d, (((1, 2), (1, 2)), ((), ())))
+    return v.reshape(a * a, b * tiles * tiles, c)
 
 
-def _output_transform(m: jax.Array, b: int, tiles: int) -> jax.Array:
-    """(16, b*t*t, k) -> (b, 2t, 2t, k): ``A^T m A`` of every tile, tiles put side by side."""
-    y = _apply(_OUT, m).reshape(2, 2, b, tiles, tiles, -1).transpose(2, 3, 0, 4, 1, 5)
-    return y.reshape(b, 2 * tiles, 2 * tiles, -1)
+def _output_transform(y: jax.Array, b: int, tiles: int, m: int) -> jax.Array:
+    """(a*a, b*t*t, k) -> (b, m*t, m*t, k): ``A^T y A`` of every tile, tiles put side by side."""
+    at = MATRICES[m][2]
+    out = _apply(np.kron(at, at), y).reshape(m, m, b, tiles, tiles, -1).transpose(2, 3, 0, 4, 1, 5)
+    return out.reshape(b, m * tiles, m * tiles, -1)
 
 
-def _output_transform_t(dy: jax.Array, tiles: int) -> jax.Array:
-    """The adjoint of ``_output_transform``: (b, 2t, 2t, k) -> (16, b*t*t, k), ``A dY A^T`` per tile."""
-    b, _, _, k = dy.shape
-    d = dy.reshape(b, tiles, 2, tiles, 2, k)  # (b, t, o, t, p, k)
-    m = lax.dot_general(jnp.asarray(_OUT.T.reshape(16, 2, 2), dy.dtype), d, (((1, 2), (2, 4)), ((), ())))
-    return m.reshape(16, b * tiles * tiles, k)
+def _output_transform_t(dy: jax.Array, tiles: int, m: int) -> jax.Array:
+    """The adjoint of ``_output_transform``: (b, m*t, m*t, k) -> (a*a, b*t*t, k), ``A dY A^T`` per tile."""
+    at = MATRICES[m][2]
+    a, (b, k) = m + 2, (dy.shape[0], dy.shape[-1])
+    d = dy.reshape(b, tiles, m, tiles, m, k)
+    out = lax.dot_general(jnp.asarray(np.kron(at, at).T.reshape(a * a, m, m), dy.dtype), d, (((1, 2), (2, 4)), ((), ())))
+    return out.reshape(a * a, b * tiles * tiles, k)
+
+
+def _kernel_transform(w: jax.Array, g: np.ndarray) -> jax.Array:
+    """(3, 3, c, k) -> (a*a, c, k): ``g w g^T`` over the two spatial axes."""
+    return _apply(np.kron(g, g), w.reshape(9, *w.shape[2:]))
 
 
 def _chunk(n: int, tiles_per_image: int) -> int:
     """Images per chunk: the smallest divisor of ``n`` giving at least MIN_TILE_ROWS tiles (else ``n``)."""
-    for d in range(1, n + 1):
-        if n % d == 0 and d * tiles_per_image >= MIN_TILE_ROWS:
-            return d
-    return n
+    return next((d for d in range(1, n + 1) if n % d == 0 and d * tiles_per_image >= MIN_TILE_ROWS), n)
 
 
 def _over_chunks(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -> jax.Array:
@@ -82,57 +91,56 @@ def _over_chunks(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -
     return out.reshape(n, *out.shape[2:])
 
 
-def _padded(x: jax.Array, tiles: int) -> jax.Array:
+def _tiles(x: jax.Array, m: int) -> int:
+    return -(-max(x.shape[1:3]) // m)
+
+
+def _padded(x: jax.Array, tiles: int, m: int) -> jax.Array:
     h, w = x.shape[1:3]
-    return jnp.pad(x, ((0, 0), (1, 2 * tiles + 1 - h), (1, 2 * tiles + 1 - w), (0, 0)))
+    return jnp.pad(x, ((0, 0), (1, m * tiles + 1 - h), (1, m * tiles + 1 - w), (0, 0)))
 
 
-def _kernel_transform(w: jax.Array, g: np.ndarray) -> jax.Array:
-    """(3, 3, c, k) -> (16, c, k): ``g w g^T`` over the two spatial axes."""
-    return _apply(np.kron(g, g), w.reshape(9, *w.shape[2:]))
-
-
-def _conv(x: jax.Array, u: jax.Array, contract: int, chunked: bool) -> jax.Array:
-    """Winograd convolution of ``x`` with the transformed kernel ``u`` (16, c, k), contracting its axis ``contract``."""
-    n, h, wd, _ = x.shape
-    tiles = -(-max(h, wd) // 2)
+def _conv(x: jax.Array, u: jax.Array, contract: int, m: int, chunked: bool) -> jax.Array:
+    """Winograd convolution of ``x`` with the transformed kernel ``u`` (a*a, c, k), contracting its axis ``contract``."""
+    n, h, w, _ = x.shape
+    tiles = _tiles(x, m)
 
     def one(xc: jax.Array) -> jax.Array:
-        m = lax.dot_general(_input_transform(xc, tiles), u, (((2,), (contract,)), ((0,), (0,))))
-        return _output_transform(m, xc.shape[0], tiles)
+        y = lax.dot_general(_input_transform(xc, tiles, m), u, (((2,), (contract,)), ((0,), (0,))))
+        return _output_transform(y, xc.shape[0], tiles, m)
 
-    y = _over_chunks(one, _chunk(n, tiles * tiles) if chunked else n, _padded(x, tiles))
-    return y[:, :h, :wd]
-
-
-def conv3x3(x: jax.Array, w: jax.Array, chunked: bool = True) -> jax.Array:
-    """Stride-1 3x3 convolution with one pixel of zero padding: (n, h, w, c) x (3, 3, c, k) -> (n, h, w, k)."""
-    return _conv(x, _kernel_transform(w, G), 1, chunked)
+    y = _over_chunks(one, _chunk(n, tiles * tiles) if chunked else n, _padded(x, tiles, m))
+    return y[:, :h, :w]
 
 
-def conv3x3_input_grad(w: jax.Array, dy: jax.Array, chunked: bool = True) -> jax.Array:
+def conv3x3(x: jax.Array, w: jax.Array, m: int = 2, chunked: bool = True) -> jax.Array:
+    """Stride-1 3x3 convolution with one pixel of zero padding, F(m x m, 3x3): (n, h, w, c) x (3, 3, c, k) -> (n, h, w, k)."""
+    return _conv(x, _kernel_transform(w, MATRICES[m][1]), 1, m, chunked)
+
+
+def conv3x3_input_grad(w: jax.Array, dy: jax.Array, m: int = 2, chunked: bool = True) -> jax.Array:
     """d(conv3x3(x, w))/dx applied to ``dy``: the same convolution of ``dy`` with ``w`` rotated by 180 degrees
     (``G`` with its columns reversed) and its channel axes swapped (contracting ``k``)."""
-    return _conv(dy, _kernel_transform(w, G[:, ::-1]), 2, chunked)
+    return _conv(dy, _kernel_transform(w, MATRICES[m][1][:, ::-1]), 2, m, chunked)
 
 
-def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, chunked: bool = True) -> jax.Array:
+def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, m: int = 2, chunked: bool = True) -> jax.Array:
     """d(conv3x3(x, w))/dw applied to ``dy``: (3, 3, c, k), summed over the batch chunk by chunk."""
-    n, h, wd, c = x.shape
-    k = dy.shape[-1]
-    tiles = -(-max(h, wd) // 2)
-    xp = _padded(x, tiles)
-    dyp = jnp.pad(dy, ((0, 0), (0, 2 * tiles - h), (0, 2 * tiles - wd), (0, 0)))
+    n, h, w, c = x.shape
+    k, a, tiles = dy.shape[-1], m + 2, _tiles(x, m)
+    xp = _padded(x, tiles, m)
+    dyp = jnp.pad(dy, ((0, 0), (0, m * tiles - h), (0, m * tiles - w), (0, 0)))
 
     def part(xc: jax.Array, dc: jax.Array) -> jax.Array:
-        v, dm = _input_transform(xc, tiles), _output_transform_t(dc, tiles)
+        v, dm = _input_transform(xc, tiles, m), _output_transform_t(dc, tiles, m)
         return lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))
 
     chunk = _chunk(n, tiles * tiles) if chunked else n
     if chunk == n:
         du = part(xp, dyp)
     else:
-        split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])  # noqa: E731
-        du, _ = lax.scan(lambda acc, a: (acc + part(*a), None), jnp.zeros((16, c, k), jnp.float32),
+        split = lambda z: z.reshape(n // chunk, chunk, *z.shape[1:])  # noqa: E731
+        du, _ = lax.scan(lambda acc, z: (acc + part(*z), None), jnp.zeros((a * a, c, k), x.dtype),
                          (split(xp), split(dyp)))
-    return _apply(np.kron(G, G).T, du).reshape(3, 3, c, k).astype(x.dtype)
+    g = MATRICES[m][1]
+    return _apply(np.kron(g, g).T, du).reshape(3, 3, c, k)

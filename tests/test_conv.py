@@ -1,7 +1,8 @@
 """Every convolution implementation must equal lax.conv_general_dilated (values and gradients) on ResNet layer shapes.
 
-Tolerance: relative L2 error under 1e-5 for outputs and both gradients, for every algorithm (the direct
-forms differ from XLA's by float32 round-off, ~1e-7; Winograd F(2x2, 3x3) by ~1e-6).
+Tolerance: relative L2 error under 1e-5 for outputs and both gradients (the direct forms differ from XLA's
+by float32 round-off, ~1e-7; Winograd F(2x2, 3x3) by ~1e-6), 5e-5 where Winograd F(4x4, 3x3) may run
+(measured up to ~5e-6: its transforms multiply by up to 8 and divide by 6 and 24).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _inputs(size: int, k: int, cin: int, cout: int, seed: int = 0, dtype=jnp.flo
     return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
-def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice_dot_conv, batch=2, **kw):
+def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice_dot_conv, batch=2, tol=1e-5, **kw):
     """Output and (input, kernel) vjp of `conv_impl` match lax, both jitted (one compile each)."""
     x, w = _inputs(size, k, cin, cout, batch=batch)
 
@@ -52,7 +53,7 @@ def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice
     want, got = run(lax.conv_general_dilated), run(conv_impl)
     for g, e in zip(got, want):  # output, d/dx, d/dw
         assert g.shape == e.shape and g.dtype == e.dtype
-        assert _rel(g, e) < 1e-5
+        assert _rel(g, e) < tol
 
 
 STEM = [(s, 7, 2, p, 3, 8) for s in (32, 64) for p in ("SAME", ((3, 3), (3, 3)))]
@@ -225,24 +226,26 @@ def test_every_direct_algorithm_matches_lax(size, k, stride, padding, cin, cout,
 
 
 @pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("algorithm,tol", [("winograd", 1e-5), ("winograd4", 5e-5)])
 @pytest.mark.parametrize("size,k,stride,padding,cin,cout", WINOGRAD)
-def test_winograd_matches_lax(size, k, stride, padding, cin, cout, chunked):
-    """Winograd F(2x2, 3x3) for all three passes, on even and odd maps down to 1x1."""
+def test_winograd_matches_lax(size, k, stride, padding, cin, cout, algorithm, tol, chunked):
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3) for all three passes, on even and odd maps down to 1x1."""
     assert conv_lib.winograd_applies((1, size, size, cin), (k, k, cin, cout), (stride, stride),
                                      _pads(size, k, stride, padding), jnp.float32)
-    _check_values_and_grads(size, k, stride, padding, cin, cout,
-                            conv_impl=_plan_conv(Plan("winograd", "winograd", "winograd", chunked)), batch=3)
+    _check_values_and_grads(size, k, stride, padding, cin, cout, batch=3, tol=tol,
+                            conv_impl=_plan_conv(Plan(algorithm, algorithm, algorithm, chunked)))
 
 
-def test_winograd_round_off_against_float64():
-    """Winograd's error is float32 round-off: as close to the float64 result as XLA's own convolution."""
-    x, w = _inputs(8, 3, 128, 128, batch=4)
+@pytest.mark.parametrize("m,bound", [(2, 2e-6), (4, 2e-5)])
+def test_winograd_round_off_against_float64(m, bound):
+    """Winograd's error against the float64 convolution, next to XLA's own float32 error (~1e-7 here):
+    F(2x2, 3x3) measured ~5e-7, F(4x4, 3x3) ~3e-6 on 8x8 maps with 256 channels."""
+    x, w = _inputs(8, 3, 256, 256, batch=4)
     exact = np.asarray(lax.conv_general_dilated(np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1),
                                                 "SAME", dimension_numbers=DN))
     err = lambda y: float(np.linalg.norm(np.asarray(y, np.float64) - exact) / np.linalg.norm(exact))  # noqa: E731
-    assert err(winograd.conv3x3(x, w)) < max(10 * err(lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                                                 dimension_numbers=DN)), 1e-6)
-    assert err(winograd.conv3x3(x, w)) < 2e-6
+    assert err(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)) < 1e-6
+    assert err(winograd.conv3x3(x, w, m)) < bound
 
 
 def test_winograd_chunks_divide_the_batch():
@@ -255,14 +258,14 @@ def test_winograd_chunks_divide_the_batch():
 
 
 @pytest.mark.parametrize("size,cin,cout,forward,kernel_grad", [
-    (32, 64, 64, "xla", "winograd"),       # large map: XLA's convolution, Winograd kernel gradient
-    (16, 128, 128, "xla", "winograd"),
-    (8, 256, 256, "winograd", "winograd"),  # 8x8 and smaller with >= 128 channels: Winograd
-    (4, 512, 512, "winograd", "winograd"),
-    (2, 256, 256, "winograd", "im2col"),
-    (1, 512, 512, "slice_dot", "im2col"),   # 1x1 map: the centre tap only
-    (8, 64, 64, "xla", "winograd"),        # few channels: XLA's convolution is as fast
-    (4, 64, 64, "slice_dot", "winograd"),
+    (32, 64, 64, "xla", "winograd4"),        # large map: XLA's convolution, Winograd kernel gradient
+    (16, 128, 128, "winograd4", "winograd4"),
+    (8, 256, 256, "winograd4", "winograd4"),  # 16x16 and smaller with >= 128 channels: Winograd
+    (4, 512, 512, "winograd4", "winograd4"),
+    (2, 256, 256, "winograd", "winograd"),    # 2x2: one F(2x2, 3x3) tile
+    (1, 512, 512, "slice_dot", "im2col"),     # 1x1 map: the centre tap only
+    (8, 64, 64, "xla", "winograd4"),         # few channels: XLA's convolution is as fast
+    (4, 64, 64, "slice_dot", "winograd4"),
 ])
 def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad):
     p = conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1)))
@@ -299,7 +302,8 @@ def _network_layers():
 
 @pytest.mark.slow
 def test_tuned_matches_lax_on_every_layer_of_every_named_network():
-    """tuned_conv as the models call it (its plan's algorithms, real channel counts), batch 2, every layer."""
+    """tuned_conv as the models call it (its plan's algorithms, real channel counts), batch 2, every layer
+    (tolerance 5e-5: F(4x4, 3x3) Winograd runs many kernel gradients)."""
     layers = _network_layers()
     assert len(layers) > 40
     rng = np.random.default_rng(0)
@@ -314,7 +318,7 @@ def test_tuned_matches_lax_on_every_layer_of_every_named_network():
             return jax.jit(lambda a, b, g: (lambda yv: (yv[0], *yv[1](g)))(jax.vjp(f, a, b)))(x, k, ct)
 
         for got, want in zip(run(tuned_conv), run(lax.conv_general_dilated)):
-            assert got.shape == want.shape and _rel(got, want) < 1e-5, ((h, w, cin), kshape, strides, pads)
+            assert got.shape == want.shape and _rel(got, want) < 5e-5, ((h, w, cin), kshape, strides, pads)
 
 
 @pytest.mark.parametrize("kw", [
@@ -362,11 +366,13 @@ def _train_grads(name, impls, x):
 @pytest.mark.parametrize("name", ["tiny", "resnet20", pytest.param("resnet18_cifar", marks=pytest.mark.slow)])
 def test_networks_train_the_same_with_tuned(name, image_batch):
     """Every parameter gradient of a train-mode loss: tuned equals xla (resnet18_cifar runs Winograd in all
-    three passes of its 8x8 and 4x4 stages; the others use XLA's forward and Winograd kernel gradients).
-    Measured ~5e-6; per parameter, train-mode BatchNorm over 4 images amplifies round-off, so the whole
-    gradient vector is compared."""
-    _, _, g = _train_grads(name, ("xla", "tuned"), jnp.asarray(image_batch[0][:4]))
-    assert _rel(g["tuned"], g["xla"]) < 1e-4
+    three passes of its 16x16 to 4x4 stages; the others use XLA's forward and Winograd kernel gradients)
+    as closely as slice_dot, an exact reordering of the same sums, does. Train-mode BatchNorm over 4 images
+    amplifies round-off, most in the skip weights' gradients (sums that nearly cancel on the digit images:
+    slice_dot alone is ~5e-3 off xla on resnet18_cifar, tuned ~3e-3; ~1e-5 both on random inputs), so the
+    whole gradient vector is compared, against 1e-4 or twice slice_dot's distance, whichever is larger."""
+    _, _, g = _train_grads(name, ("xla", "slice_dot", "tuned"), jnp.asarray(image_batch[0][:4]))
+    assert _rel(g["tuned"], g["xla"]) < max(1e-4, 2 * _rel(g["slice_dot"], g["xla"]))
 
 
 def test_paper_the_same_with_tuned(image_batch):
