@@ -344,6 +344,7 @@ def conv_fn(impl: str) -> ConvFn:
 def default_conv_impl(backend: str | None = None) -> str:
     """The implementation ``conv_impl="auto"`` resolves to: measured per backend (benchmarks/README.md).
 
-    CPU: ``"hybrid"``; other backends: ``"xla"`` until measured there.
+    CPU: ``"tuned"`` (1.0-1.5x ``"hybrid"``'s train step on the benchmark networks, ``benchmarks/vs_pytorch.py``);
+    other backends: ``"xla"`` until measured there.
     """
-    return "hybrid" if (backend or jax.default_backend()) == "cpu" else "xla"
+    return "tuned" if (backend or jax.default_backend()) == "cpu" else "xla"

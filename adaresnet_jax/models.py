@@ -193,7 +193,7 @@ class ResNet(nn.Module):
       kernel_init: conv kernel initialiser.
       head_init: kernel initialiser of the final Dense layer (its bias starts at zero).
       conv_bias: whether convolutions carry a bias.
-      conv_impl: ``"xla"``, ``"slice_dot"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
+      conv_impl: ``"xla"``, ``"slice_dot"``, ``"hybrid"``, ``"tuned"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
       act: activation after every BN of the branch and after the add.
     """
 

@@ -190,7 +190,7 @@ def test_hybrid_picks_by_output_size_and_matches_lax(size, k, stride, big):
 
 
 def test_default_conv_impl():
-    assert default_conv_impl("cpu") == "hybrid"
+    assert default_conv_impl("cpu") == "tuned"
     assert default_conv_impl("gpu") == "xla" and default_conv_impl("tpu") == "xla"
     assert default_conv_impl() in CONV_IMPLS
 
