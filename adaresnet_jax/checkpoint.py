@@ -23,6 +23,12 @@ commits it, so a test can SIGKILL a process while a checkpoint write is in progr
 ``ADARESNET_TEST_FAIL_SAVE="<step>"`` makes the save of that step raise OSError in this process, so a
 test can check that a failed save ends every process of a multi-process run.
 
+Streaming runs (:mod:`adaresnet_jax.data.streaming`) save a second item beside the state in each step of
+``checkpoints/``: ``data/process_<i>-of-<n>.json``, each process's grain iterator state, written by
+grain's orbax handler (``grain.checkpoint``); the state stays the item ``default``, so the layout of the
+state and its checksum are those of a resident run. :meth:`Checkpoints.restore_latest` returns this
+process's input state, or None where the step has none for this process count.
+
 Multi-process runs: the two managers synchronise the processes with their own barrier names
 (``barrier_sync_key_prefix`` "latest" and "best"), since both often save the same step.
 """
@@ -100,8 +106,10 @@ class _SlowCommitPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
 def config_diff(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
     """Fields (outside RESUME_SAFE_FIELDS) whose saved value differs from ``cfg``: {name: (saved, now)}."""
     now = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # fields newer than a saved config
     keys = (set(saved) | set(now)) - RESUME_SAFE_FIELDS
-    return {k: (saved.get(k), now.get(k)) for k in sorted(keys) if saved.get(k) != now.get(k)}
+    return {k: (saved.get(k, defaults.get(k)), now.get(k)) for k in sorted(keys)
+            if saved.get(k, defaults.get(k)) != now.get(k)}
 
 
 def check_workdir(workdir: Path, cfg: Config) -> bool:
@@ -131,6 +139,22 @@ def load_config(workdir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class _InputState:
+    """What grain's orbax handler saves and restores: ``get_state`` -> bytes, ``set_state(bytes)``."""
+
+    def __init__(self, value: bytes | None = None) -> None:
+        self.value = value
+
+    def get_state(self) -> bytes | None:
+        return self.value
+
+    def set_state(self, value: bytes) -> None:
+        self.value = value
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 class Checkpoints:
     """The latest-N manager and the best-by-validation-accuracy manager of one workdir.
 
@@ -138,8 +162,14 @@ class Checkpoints:
     off the device before ``save`` returns, so the train step may donate them); ``wait`` blocks.
     """
 
-    def __init__(self, workdir: Path, *, keep: int = 2, with_best: bool = True, read_only: bool = False) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, *, keep: int = 2, with_best: bool = True, read_only: bool = False,
+                 with_data: bool = False) -> None:
+        self.workdir, self.with_data = workdir, with_data
+        handlers: dict[str, Any] = {"default": ocp.StandardCheckpointHandler()}
+        if with_data:
+            import grain.checkpoint  # registers grain's orbax handler and its CheckpointSave/Restore args
+
+            handlers["data"] = grain.checkpoint.CheckpointHandler()
         common: dict[str, Any] = {"create": not read_only, "cleanup_tmp_directories": not read_only}
         if _commit_delay() is not None:
             common["temporary_path_class"] = _SlowCommitPath
@@ -148,14 +178,13 @@ class Checkpoints:
         # shared name, the second save of a step finds the first's barrier still open and every process
         # hangs ("Barrier _async_write_complete.<step> is already ongoing").
         self.latest = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
-            item_handlers=ocp.StandardCheckpointHandler(),
+            (workdir / "checkpoints").absolute(), item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common, multiprocessing_options=(
                 ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest"))))
         self.best = None
         if with_best:
             self.best = ocp.CheckpointManager(
-                (workdir / "best").absolute(), item_handlers=ocp.StandardCheckpointHandler(),
+                (workdir / "best").absolute(), item_handlers={"default": ocp.StandardCheckpointHandler()},
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1, best_fn=lambda m: m["val_acc"], best_mode="max",
                     keep_checkpoints_without_metrics=False, **common, multiprocessing_options=(
@@ -170,15 +199,21 @@ class Checkpoints:
         return {"devices": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
                 "crc32": state_checksum(state)}
 
-    def save(self, step: int, state: Any) -> None:
+    def save(self, step: int, state: Any, data: bytes | None = None) -> None:
+        """Saves ``state`` (and, in a streaming run, this process's input-pipeline state ``data``) as ``step``."""
         if os.environ.get("ADARESNET_TEST_FAIL_SAVE") == str(step):
             raise OSError(f"simulated failure saving step {step} (ADARESNET_TEST_FAIL_SAVE)")
-        self.latest.save(step, args=ocp.args.StandardSave(state), force=True,
-                         custom_metadata=self._metadata(state))
+        items = {"default": ocp.args.StandardSave(state)}
+        if data is not None:
+            import grain.checkpoint
+
+            items["data"] = grain.checkpoint.CheckpointSave(_InputState(data))
+        self.latest.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata=self._metadata(state))
 
     def save_best(self, step: int, state: Any, val_acc: float) -> None:
         if self.best is not None:
-            self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_acc": float(val_acc)},
+            self.best.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state)),
+                           metrics={"val_acc": float(val_acc)},
                            force=True, custom_metadata=self._metadata(state))
 
     def best_val_acc(self) -> float | None:
@@ -198,11 +233,19 @@ class Checkpoints:
         step = None if mngr is None else (mngr.best_step() if which == "best" else mngr.latest_step())
         if step is None:
             raise FileNotFoundError(f"no {which} checkpoint")
-        state, _ = self._restore_step(mngr, step, abstract_state)
+        state, _, _ = self._restore_step(mngr, step, abstract_state)
         return step, state
 
-    def _restore_step(self, mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def _restore_step(self, mngr: ocp.CheckpointManager, step: int, abstract_state: Any
+                      ) -> tuple[Any, dict, bytes | None]:
         path = Path(mngr.directory) / str(step)
+        items = {"default": ocp.args.StandardRestore(abstract_state)}
+        data = _InputState()
+        if mngr is self.latest and self.with_data and (
+                path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json").is_file():
+            import grain.checkpoint
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data)
         try:
             meta = dict(mngr.metadata(step).custom_metadata or {})
         except Exception as e:  # noqa: BLE001
@@ -210,17 +253,18 @@ class Checkpoints:
         if "crc32" not in meta:
             raise CorruptCheckpoint(f"{path}: no checksum in its step metadata (_CHECKPOINT_METADATA)")
         try:
-            state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            state = mngr.restore(step, args=ocp.args.Composite(**items)).default
         except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for damaged files)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CorruptCheckpoint(f"{path}: restore failed ({type(e).__name__}: {first[:200]})") from e
         if meta["crc32"] is not None and state_checksum(state) != meta["crc32"]:
             raise CorruptCheckpoint(f"{path}: contents do not match the checksum recorded when it was saved")
-        return state, meta
+        return state, meta, data.value
 
-    def restore_latest(self, abstract_state: Any,
-                       say: Callable[[str], None] = _warn) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, metadata) of the newest good step, or None if there is no step at all.
+    def restore_latest(self, abstract_state: Any, say: Callable[[str], None] = _warn
+                       ) -> tuple[int, Any, dict[str, Any], bytes | None] | None:
+        """(step, state, metadata, this process's input state or None) of the newest good step, or None if
+        there is no step at all.
 
         Each corrupt step is reported on one stderr line (``say``) naming its path, moved to
         ``<workdir>/corrupt_checkpoints/<step>`` (so it is never tried or overwritten again) and
@@ -229,7 +273,7 @@ class Checkpoints:
         bad = []
         for step in sorted(self.latest.all_steps(), reverse=True):
             try:
-                state, meta = self._restore_step(self.latest, step, abstract_state)
+                state, meta, data = self._restore_step(self.latest, step, abstract_state)
             except CorruptCheckpoint as e:
                 bad.append(step)
                 moved = self._move_aside(step)
@@ -237,7 +281,7 @@ class Checkpoints:
                 continue
             if bad:
                 self.latest.reload()
-            return step, state, meta
+            return step, state, meta, data
         if bad:
             self.latest.reload()
             raise NoGoodCheckpoint(

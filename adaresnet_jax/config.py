@@ -28,7 +28,8 @@ from adaresnet_jax.presets import PRESETS
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step", "onecycle"]
-DType = Literal["float32", "bfloat16"]
+DType = Literal["float32", "bfloat16", "auto"]
+InputPath = Literal["auto", "resident", "streaming"]
 ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid", "tuned"]
 EvalFrom = Literal["latest", "best"]
 
@@ -38,7 +39,8 @@ EvalFrom = Literal["latest", "best"]
 RESUME_SAFE_FIELDS = frozenset({
     "preset", "epochs", "stop_after_epochs", "workdir", "data_dir", "quiet", "eval_only", "eval_from",
     "keep_checkpoints", "checkpoint_every", "coordinator", "num_processes", "process_id", "distributed",
-    "eval_batch_size", "stop_timeout", "heartbeat_timeout",
+    "eval_batch_size", "stop_timeout", "heartbeat_timeout", "stop_after_steps", "input_workers", "log_every_steps",
+    "eval_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
 })
 # Schedules whose value at a step depends on the total number of steps (so on --epochs).
 TOTAL_STEP_SCHEDULES = frozenset({"cosine", "step", "onecycle"})
@@ -64,7 +66,7 @@ class Config:
     skip_per_channel: bool = _f(False, "one skip weight per channel instead of one per block")
     width: int | None = _f(None, "width of the first stage (num_filters); none: the network's own")
     conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: tuned on CPU, xla elsewhere; see adaresnet_jax.conv)")
-    dtype: DType = _f("float32", "compute dtype; parameters stay float32")
+    dtype: DType = _f("float32", "compute dtype; parameters stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     # data
     dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset) "
                                  "or a TFDS image-classification name")
@@ -78,11 +80,28 @@ class Config:
     flip: bool = _f(True, "random horizontal flip when augmenting")
     normalize: bool = _f(True, "per-channel mean/std normalisation (off: inputs scaled to [0, 1])")
     drop_last: bool = _f(True, "drop each epoch's last partial batch (off: train it, as Keras' fit does)")
+    # input path (see adaresnet_jax/data/streaming.py)
+    input: InputPath = _f("auto", "resident: the uint8 training set on every device, batches gathered in the step "
+                                  "(fast; small sets); streaming: read, decode and augment on the host with grain "
+                                  "(image folders, TFDS ArrayRecord; any size); auto: resident when the decoded "
+                                  "training set fits --resident-budget-mb")
+    resident_budget_mb: float = _f(2048.0, "largest decoded training set (MB, uint8) that --input auto keeps resident")
+    image_size: int | None = _f(None, "square image size of image folders and streamed sets (none: 224)")
+    eval_crop: float = _f(0.875, "image folders and streamed sets: evaluation (and streaming without --augment) "
+                                 "resizes the short side to image_size / eval_crop and center-crops (224/256)")
+    min_crop_area: float = _f(0.08, "streaming --augment: smallest area fraction of the Inception-style "
+                                    "random-resized crop (aspect 3/4-4/3), then a flip (see --flip)")
+    input_workers: int | None = _f(None, "streaming: grain worker processes decoding images (0: threads in this "
+                                         "process; none: one per CPU core, at most 32)")
+    max_bad_images: float = _f(0.01, "streaming: fraction of unreadable images skipped (counted in metrics.jsonl); "
+                                     "more exits with code 2")
     # optimisation
     epochs: int = _f(10, "number of training epochs")
     batch_size: int = _f(128, "global batch size over all devices of all processes")
     optimizer: Optimizer = _f("sgd", "optimizer")
     lr: float | None = _f(None, "peak learning rate (none: 0.1 for sgd, 0.001 for adam/adamw)")
+    lr_batch: int | None = _f(None, "when set, --lr is the rate at this batch size and the peak rate is lr x "
+                                    "batch_size / lr_batch (Goyal et al. 2017's linear scaling)")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     adam_eps: float = _f(1e-8, "epsilon of adam/adamw (Keras uses 1e-7)")
@@ -101,8 +120,15 @@ class Config:
     eval_batch_size: int = _f(512, "evaluation batch size (rounded up to a multiple of the device count)")
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
     checkpoint_every: int = _f(1, "save a checkpoint every N epochs (and always after the last)")
+    checkpoint_every_steps: int | None = _f(None, "save a checkpoint every N steps instead of --checkpoint-every epochs")
+    checkpoint_every_minutes: float | None = _f(None, "also save when this many minutes have passed since the last "
+                                                      "save (checked at each log step, process 0's clock)")
+    log_every_steps: int | None = _f(None, "a metrics.jsonl row (train loss/acc since the last row) every N steps "
+                                           "(none: every epoch)")
+    eval_every_steps: int | None = _f(None, "evaluate on val/test every N steps (none: every epoch)")
     stop_after_epochs: int | None = _f(None, "stop (with a checkpoint) after this many epochs; "
                                              "the schedule still runs over --epochs")
+    stop_after_steps: int | None = _f(None, "stop (with a checkpoint) after this many steps (mid-epoch allowed)")
     stop_timeout: float = _f(300.0, "seconds after SIGTERM within which the run must have saved and exited; "
                                     "past it (or on a second SIGTERM) it exits with code 3 without saving")
     # multi-host
@@ -126,15 +152,25 @@ class Config:
 
     @property
     def peak_lr(self) -> float:
-        """``lr``, or the optimizer's usual value when it is unset."""
-        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        """``lr`` (or the optimizer's usual value when it is unset), times batch_size / lr_batch if that is set."""
+        lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        return lr * self.batch_size / self.lr_batch if self.lr_batch else lr
+
+    @property
+    def compute_dtype(self) -> str:
+        """``dtype`` with "auto" resolved: bfloat16 where JAX's default backend is a GPU or TPU, else float32."""
+        if self.dtype != "auto":
+            return self.dtype
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     def model_overrides(self) -> dict[str, Any]:
         """Keyword overrides for :func:`adaresnet_jax.models.create_model` (besides name/classes/skip)."""
         import jax.numpy as jnp
 
         out: dict[str, Any] = {"conv_impl": self.conv_impl, "param_dtype": jnp.float32,
-                               "dtype": jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32}
+                               "dtype": jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32}
         if self.width is not None:
             out["num_filters"] = self.width
         if self.skip_init is not None:
@@ -155,7 +191,8 @@ def validate(cfg: Config) -> None:
         if choices and v not in choices and not (v is None and f.default is None):
             raise ValueError(f"{f.name} is {v!r}; valid choices: {', '.join(map(str, choices))}")
     positive = ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every",
-                "width", "max_train", "max_test", "stop_after_epochs", "num_processes", "heartbeat_timeout")
+                "width", "max_train", "max_test", "stop_after_epochs", "num_processes", "heartbeat_timeout",
+                "image_size", "lr_batch", "stop_after_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
     for name in positive:
         v = getattr(cfg, name)
         if v is not None and v < 1:
@@ -167,6 +204,14 @@ def validate(cfg: Config) -> None:
     for name in ("weight_decay", "warmup_epochs", "grad_clip", "skip_lr_mult", "momentum", "crop_pad"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} is {getattr(cfg, name)}: it must be >= 0")
+    if not (0 < cfg.eval_crop <= 1 and 0 < cfg.min_crop_area <= 1 and 0 <= cfg.max_bad_images < 1):
+        raise ValueError(f"eval_crop ({cfg.eval_crop}) and min_crop_area ({cfg.min_crop_area}) must be in (0, 1], "
+                         f"max_bad_images ({cfg.max_bad_images}) in [0, 1)")
+    if cfg.input_workers is not None and cfg.input_workers < 0:
+        raise ValueError(f"input_workers is {cfg.input_workers}: it must be >= 0 (0: threads, no worker processes)")
+    if not cfg.resident_budget_mb >= 0 or not (cfg.checkpoint_every_minutes is None or cfg.checkpoint_every_minutes > 0):
+        raise ValueError(f"resident_budget_mb ({cfg.resident_budget_mb}) must be >= 0 and checkpoint_every_minutes "
+                         f"({cfg.checkpoint_every_minutes}) positive")
     if not 0 <= cfg.label_smoothing < 1:
         raise ValueError(f"label_smoothing is {cfg.label_smoothing}: it must be in [0, 1)")
     if not 0 <= cfg.val_split < 1:
@@ -205,6 +250,11 @@ _EPILOG = """presets (--preset NAME; explicit flags override the preset's values
          last partial batch, 10 epochs, inputs in [0, 1], no augmentation, CIFAR-10, no validation split
   cifar  resnet18_cifar on CIFAR-10: SGD Nesterov lr 0.1 at batch 128, cosine with 1 warm-up
          epoch, weight decay 5e-4, label smoothing 0.1, crop (pad 4) + flip, 30 epochs, 10% validation
+  imagenet  resnet50 on ImageNet (image folder or TFDS imagenet2012), streamed: SGD Nesterov lr 0.1 x batch/256,
+         batch 1024, 5 warm-up epochs then cosine to 0, 90 epochs, weight decay 1e-4, label smoothing 0.1,
+         224 px Inception crop + flip, bf16 on GPU/TPU (float32 on CPU), 1% of train held out (minival)
+  imagenette  resnet50 at 128 px on Imagenette (10 ImageNet classes), the imagenet recipe for 20 epochs:
+         minutes on one GPU
 Without --preset every flag has its neutral default (shown per flag, with what each preset sets).
 
 examples:
@@ -212,6 +262,8 @@ examples:
   python train.py --preset paper --workdir runs/paper          # downloads CIFAR-10 once (~170 MB)
   python train.py --preset paper --skip identity --data-dir cifar-10-python.tar.gz --workdir runs/resnet
   python train.py --workdir runs/paper --eval-only             # the run's own config, latest checkpoint
+  python train.py --preset imagenet --skip identity --data-dir /data/imagenet   # train/<class>/*.JPEG, val/...
+  python train.py --preset imagenet --data-dir ~/tensorflow_datasets           # TFDS imagenet2012 (ArrayRecord)
 
 Rerunning a command on its workdir resumes from the latest checkpoint; SIGTERM saves one and exits 0.
 Exit codes: 0 done (or stopped by SIGTERM), 1 non-finite loss or a failure, 2 bad input,

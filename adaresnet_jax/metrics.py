@@ -1,9 +1,12 @@
 """Run outputs in the workdir: metrics.jsonl, TensorBoard events, summary.json, PNG plots.
 
 Only process 0 writes (the trainer constructs :class:`RunLog` with ``enabled=jax.process_index() == 0``).
-metrics.jsonl has one JSON object per epoch with the keys of :data:`EPOCH_KEYS` (``val_*`` are null
-without a validation split); ``skip_weights`` maps ``"stage1/block1"`` to a float (or a list for
-per-channel weights).
+metrics.jsonl has one JSON object per epoch (or per --log-every-steps / --eval-every-steps steps) with the
+keys of :data:`EPOCH_KEYS`: ``epoch`` is the epochs done (an integer at an epoch's end, else a fraction),
+train loss and accuracy are over the steps since the previous row, ``val_*``/``test_*`` are null where no
+evaluation ran (or without a validation split), ``epoch_time`` is the seconds those steps took,
+``bad_images`` the unreadable images the streaming input path has skipped so far (null for the resident
+path); ``skip_weights`` maps ``"stage1/block1"`` to a float (or a list for per-channel weights).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 EPOCH_KEYS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-              "lr", "images_per_sec", "epoch_time", "skip_weights")
+              "lr", "images_per_sec", "epoch_time", "bad_images", "skip_weights")
 
 
 def skip_values(weights: dict[str, Any]) -> dict[str, float | list[float]]:
@@ -51,14 +54,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class RunLog:
     """Writes metrics.jsonl and TensorBoard scalars per epoch; plots and summary at the end."""
 
-    def __init__(self, workdir: Path, *, enabled: bool, resume_epoch: int = 0) -> None:
+    def __init__(self, workdir: Path, *, enabled: bool, resume_step: int = 0) -> None:
         self.workdir, self.enabled = workdir, enabled
         self.path = workdir / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
-        # A resumed run replaces epochs logged after its checkpoint (they will be trained again).
-        rows = [r for r in read_jsonl(self.path) if r["epoch"] <= resume_epoch]
+        # A resumed run replaces rows logged after its checkpoint (those steps will be trained again).
+        rows = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def _writer(self):  # noqa: ANN202
@@ -84,7 +87,7 @@ class RunLog:
         if tb is None:
             return
         for k, v in row.items():
-            if k not in ("epoch", "step", "skip_weights") and v is not None:
+            if k not in ("epoch", "step", "skip_weights") and isinstance(v, (int, float)):
                 tb.add_scalar(k, v, step)
         for name, w in row["skip_weights"].items():
             w = w if isinstance(w, list) else [w]

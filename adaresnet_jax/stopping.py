@@ -42,11 +42,19 @@ def _libc_signal(signum: int, handler: int) -> int:
 
 
 def _preemption_service() -> bool:
-    """Whether jax.distributed runs with more than one process and its preemption sync manager."""
+    """Whether jax.distributed runs with more than one process and its preemption sync manager (JAX keeps
+    it in a private module; if that moves, a multi-process run is taken to have one, as JAX starts it by
+    default, and ``reached_preemption_sync_point`` says otherwise loudly)."""
     import jax
-    from jax._src import distributed
 
-    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    if jax.process_count() == 1:
+        return False
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return True
 
 
 class StopOnSigterm:

@@ -1,11 +1,14 @@
 """Training runs: ``run(config)`` / ``main(argv)`` (the logic behind the top-level ``train.py``).
 
-A run loads the data set once on the host, puts the uint8 training set on every device, and trains
-with the step of :mod:`adaresnet_jax.steps` (re-exported here: ``make_mesh``, ``create_state``,
-``make_train_step``, ``make_eval_step``, ...) with no per-step host work: each epoch's permutation is
-computed on device and every step gathers its batch inside the compiled update. Metrics are fetched
-once per epoch (the progress bar reads the previous step's loss). Outputs, checkpoints and resume:
-see :mod:`adaresnet_jax.metrics` and :mod:`adaresnet_jax.checkpoint`.
+A run trains with the step of :mod:`adaresnet_jax.steps` (re-exported here: ``make_mesh``,
+``create_state``, ``make_train_step``, ``make_eval_step``, ...) fed by one of two input paths
+(:mod:`adaresnet_jax.inputs`, ``--input``): resident (the uint8 training set on every device, each
+step gathering its batch inside the compiled update, no per-step host work) or streaming (grain reads,
+decodes and augments on the host, two batches ahead on the devices). The loop counts steps: a metrics row
+every --log-every-steps (and at every evaluation), evaluation every --eval-every-steps, checkpoints
+every --checkpoint-every-steps and after --checkpoint-every-minutes; each defaults to once an epoch.
+A row that only logs is fetched one step late, so the host never waits for the device there.
+Outputs, checkpoints and resume: see :mod:`adaresnet_jax.metrics` and :mod:`adaresnet_jax.checkpoint`.
 
 Exit codes of ``main``: 0 finished (or stopped by SIGTERM after saving a checkpoint), 1 the loss
 became non-finite (nothing saved from the bad state) or a multi-process run failed, 2 bad input (one
@@ -36,7 +39,9 @@ import numpy as np
 
 from adaresnet_jax import checkpoint as ckpt_lib
 from adaresnet_jax.config import RESUME_SAFE_FIELDS, TOTAL_STEP_SCHEDULES, Config, parse_config
-from adaresnet_jax.data import DataError, Dataset, fetch, load_dataset
+from adaresnet_jax.data import DataError, Dataset, fetch
+from adaresnet_jax.data.streaming import StreamingData, inspect
+from adaresnet_jax.inputs import ResidentInput, StreamingEvaluator, StreamingInput, open_data
 from adaresnet_jax.metrics import RunLog, skip_values
 from adaresnet_jax.models import create_model, skip_weights
 from adaresnet_jax.optim import decay_mask, make_optimizer, make_schedule, skip_mask  # noqa: F401 (re-exported)
@@ -95,8 +100,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _load(cfg: Config) -> Dataset:
-    """The data set; in a multi-host run with a download, process 0 downloads before the others read it."""
+def _load(cfg: Config) -> tuple[Dataset | StreamingData, tuple[str, ...] | None]:
+    """(data, class names): see :func:`adaresnet_jax.inputs.open_data`; in a multi-host run with a download,
+    process 0 downloads before the others read it."""
     try:
         if cfg.dataset in ("cifar10", "cifar100") and cfg.data_dir is None and jax.process_count() > 1:
             if jax.process_index() == 0:
@@ -104,8 +110,7 @@ def _load(cfg: Config) -> Dataset:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("adaresnet_download")
-        return load_dataset(cfg.dataset, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
-                            max_train=cfg.max_train, max_test=cfg.max_test)
+        return open_data(cfg, lambda msg: _say(jax.process_index() == 0, msg))
     except DataError as e:
         raise UsageError(str(e)) from None
 
@@ -121,8 +126,10 @@ def run(cfg: Config) -> dict[str, Any]:
     workdir = Path(cfg.workdir)
     saved = ckpt_lib.load_config(workdir)
     if cfg.eval_only and saved is not None:
-        # --eval-only uses the run's own config; only the harmless flags come from the command line.
-        cfg = dataclasses.replace(Config.from_dict(saved), **{k: getattr(cfg, k) for k in RESUME_SAFE_FIELDS})
+        # --eval-only uses the run's own config; only the harmless flags come from the command line, and
+        # the run's own data location unless --data-dir names another.
+        given = {k: getattr(cfg, k) for k in RESUME_SAFE_FIELDS if not (k == "data_dir" and cfg.data_dir is None)}
+        cfg = dataclasses.replace(Config.from_dict(saved), **given)
     if cfg.eval_only and not any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"--eval-only: workdir '{workdir}' has no checkpoints")
     try:
@@ -131,12 +138,23 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UsageError(str(e)) from None
     if not resuming and any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"workdir '{workdir}' holds checkpoints but no config.json: use another --workdir")
-    ds = _load(cfg)
+    ds, classes = _load(cfg)
+    streaming = isinstance(ds, StreamingData)
+    n_train, n_val, n_test = (len(a) for a in ((ds.train_idx, ds.val_idx, ds.test_idx) if streaming else
+                                               (ds.x_train, ds.x_val, ds.x_test)))
     n_dev, bs = jax.device_count(), cfg.batch_size
     if bs % n_dev:
         raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
-    if bs > len(ds.x_train):
-        raise UsageError(f"batch_size {bs} exceeds the {len(ds.x_train)} training images: lower --batch-size")
+    if bs > n_train:
+        raise UsageError(f"batch_size {bs} exceeds the {n_train} training images: lower --batch-size")
+    if streaming and not cfg.drop_last:
+        raise UsageError("--no-drop-last is not supported by the streaming input path: drop it (or --input resident)")
+    size = cfg.image_size or 224
+    image_shape = (size, size, 3) if streaming else ds.image_shape
+    try:  # streaming: statistics and a bad-file check on a sample of decoded training images, before compiling
+        stats = inspect(ds, size, cfg.eval_crop, cfg.seed, cfg.max_bad_images) if streaming else (ds.mean, ds.std)
+    except DataError as e:
+        raise UsageError(str(e)) from None
     _prepare_workdir(workdir)
     proc0 = jax.process_index() == 0
     if resuming and not cfg.eval_only and saved.get("epochs") != cfg.epochs and cfg.schedule in TOTAL_STEP_SCHEDULES:
@@ -145,20 +163,23 @@ def run(cfg: Config) -> dict[str, Any]:
              "different learning-rate curve than an uninterrupted run would")
 
     mesh = make_mesh()
-    spe = _steps_per_epoch(cfg, len(ds.x_train), n_dev)
+    spe = _steps_per_epoch(cfg, n_train, n_dev)
     model = create_model(cfg.model, num_classes=ds.num_classes, skip=cfg.skip, **cfg.model_overrides())
     tx, schedule = make_optimizer(cfg, spe)
-    channels = ds.image_shape[-1]
-    mean, std = (ds.mean, ds.std) if cfg.normalize else ((0.0,) * channels, (1.0,) * channels)
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    channels = image_shape[-1]
+    mean, std = stats if cfg.normalize else ((0.0,) * channels, (1.0,) * channels)
+    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     round_up = lambda n: -(-max(n, 1) // n_dev) * n_dev  # noqa: E731
-    eval_bs = min(round_up(cfg.eval_batch_size), round_up(max(len(ds.x_val), len(ds.x_test))))
+    eval_bs = min(round_up(cfg.eval_batch_size), round_up(max(n_val, n_test)))
 
-    abstract = abstract_state(model, tx, ds.image_shape, mesh=mesh)
+    abstract = abstract_state(model, tx, image_shape, mesh=mesh)
     with_best = cfg.val_split > 0 and (not cfg.eval_only or (workdir / "best").is_dir())
-    ckpts = ckpt_lib.Checkpoints(workdir, keep=cfg.keep_checkpoints, with_best=with_best, read_only=cfg.eval_only)
+    ckpts = ckpt_lib.Checkpoints(workdir, keep=cfg.keep_checkpoints, with_best=with_best, read_only=cfg.eval_only,
+                                 with_data=streaming)
     eval_step = make_eval_step(model, mesh=mesh, mean=mean, std=std, dtype=dtype)
-    evaluator = Evaluator(eval_step, {"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, eval_bs, mesh)
+    evaluator = StreamingEvaluator(eval_step, ds, eval_bs, mesh, cfg) if streaming else \
+        Evaluator(eval_step, {"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, eval_bs, mesh)
+    inputs = None
     try:
         if cfg.eval_only:
             return _eval_only(cfg, ckpts, abstract, evaluator, workdir, proc0)
@@ -166,28 +187,46 @@ def run(cfg: Config) -> dict[str, Any]:
             restored = ckpts.restore_latest(abstract)
         except ckpt_lib.NoGoodCheckpoint as e:
             raise UsageError(str(e)) from None
+        data_state = None
         if restored is not None:
-            start_step, state, saved_on = restored
+            start_step, state, saved_on, data_state = restored
             n, procs, n_procs = saved_on.get("devices", n_dev), saved_on.get("processes", 1), jax.process_count()
             if (n, procs) != (n_dev, n_procs):  # orbax re-shards onto the current mesh
                 _say(proc0, f"train.py: restored a checkpoint saved on {n} device{'s' * (n != 1)}"
                      f"{f' in {procs} processes' if procs != 1 else ''} onto {n_dev} device{'s' * (n_dev != 1)}"
                      f"{f' in {n_procs} processes' if n_procs != 1 else ''} (step {start_step})")
         else:
-            start_step, state = 0, create_state(model, tx, ds.image_shape, seed=cfg.seed, mesh=mesh)
+            start_step, state = 0, create_state(model, tx, image_shape, seed=cfg.seed, mesh=mesh)
             if proc0:  # the initial skip weights: the trajectories' epoch 0 (summary.json "skip_weights_init")
                 init = skip_values(jax.device_get(skip_weights(state["params"])))
                 (workdir / "skip_weights_init.json").write_text(json.dumps(init) + "\n")
         ckpt_lib.write_config(workdir, cfg)
-        ctx = _Context(cfg, ds, model, tx, schedule, ckpts, evaluator, mesh, spe, mean, std, dtype, proc0)
+        if classes is not None and proc0:
+            (workdir / "classes.json").write_text(json.dumps(list(classes)) + "\n")  # label i is classes[i]
+        if streaming:
+            inputs = StreamingInput(cfg, ds, model, tx, mesh, spe, mean, std, dtype, start_step=start_step,
+                                    end_step=_end_step(cfg, spe), saved=data_state, say=lambda m: _say(proc0, m))
+        else:
+            inputs = ResidentInput(cfg, ds, model, tx, mesh, spe, mean, std, dtype)
+        ctx = _Context(cfg, inputs, model, tx, schedule, ckpts, evaluator, mesh, spe, mean, std, dtype, proc0,
+                       classes)
         return _train(ctx, state, start_step, wall0)
+    except DataError as e:  # too many unreadable images while streaming
+        raise UsageError(str(e)) from None
     finally:
+        if inputs is not None:
+            inputs.close()
         ckpts.close()
 
 
 def _say(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _end_step(cfg: Config, spe: int) -> int:
+    """The step this command trains to: --epochs, cut by --stop-after-epochs and --stop-after-steps."""
+    return min(cfg.epochs * spe, (cfg.stop_after_epochs or cfg.epochs) * spe, cfg.stop_after_steps or cfg.epochs * spe)
 
 
 def _steps_per_epoch(cfg: Config, n: int, n_dev: int) -> int:
@@ -217,100 +256,112 @@ class _Context:
     """What the training loop needs besides the state (built once by :func:`run`)."""
 
     cfg: Config
-    ds: Dataset
+    inputs: ResidentInput | StreamingInput
     model: Any
     tx: Any
     schedule: Any
     ckpts: ckpt_lib.Checkpoints
-    evaluator: Evaluator
+    evaluator: Evaluator | StreamingEvaluator
     mesh: Any
     spe: int
     mean: Any
     std: Any
     dtype: Any
     proc0: bool
+    classes: tuple[str, ...] | None = None
 
 
 def _train(c: _Context, state: State, start_step: int, wall0: float) -> dict[str, Any]:
-    """The training loop: one flat loop over global steps; epochs end with evaluation, a log line and
-    (every --checkpoint-every epochs) a checkpoint. SIGTERM ends it at one common step on every process
-    with a checkpoint (see :mod:`adaresnet_jax.stopping`)."""
+    """The training loop: one flat loop over global steps. After step s: a metrics row when s is a multiple
+    of --log-every-steps or --eval-every-steps (evaluating at the latter), a checkpoint at multiples of
+    --checkpoint-every-steps or when --checkpoint-every-minutes have passed (decided at row steps, the same
+    on every process), and all three at the last step. A row that only logs is fetched after the next step
+    is queued (one step late, so the device never waits for the host); before any checkpoint the metrics
+    since the last check are fetched and checked finite. SIGTERM ends it at one common step on every
+    process with a checkpoint (see :mod:`adaresnet_jax.stopping`)."""
     from tqdm import tqdm
 
-    cfg, spe, bs = c.cfg, c.spe, c.cfg.batch_size
-    full = len(c.ds.x_train) // bs  # full batches per epoch; spe is full + 1 with a partial last batch
-    end_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
-    end_step, first_epoch = end_epoch * spe, start_step // spe
+    cfg, spe, inputs = c.cfg, c.spe, c.inputs
+    end_step, first_epoch = _end_step(cfg, spe), start_step // spe
+    log_every, eval_every = cfg.log_every_steps or spe, cfg.eval_every_steps or spe
+    ckpt_every = cfg.checkpoint_every_steps or cfg.checkpoint_every * spe
     say = lambda msg: _say(c.proc0, msg)  # noqa: E731
     if start_step >= end_step:  # rerun of a finished command: keep its outputs as they are
         say(f"nothing to do: {cfg.workdir} already holds step {start_step} (epoch {first_epoch}); "
             "raise --epochs to train on")
         path = Path(cfg.workdir) / "summary.json"
         return json.loads(path.read_text()) if path.exists() else {"step": start_step}
-    log = RunLog(Path(cfg.workdir), enabled=c.proc0, resume_epoch=first_epoch)
-    x_all, y_all = replicate(c.ds.x_train, c.mesh), replicate(c.ds.y_train.astype(np.int32), c.mesh)
-    steps = make_train_step(c.model, c.tx, mesh=c.mesh, mean=c.mean, std=c.std,
-                            crop_pad=cfg.crop_pad if cfg.augment else 0, flip=cfg.augment and cfg.flip,
-                            label_smoothing=cfg.label_smoothing, dtype=c.dtype, seed=cfg.seed, steps_per_epoch=spe)
-    epoch_perm = make_epoch_permutation(cfg.seed, len(c.ds.x_train), bs, c.mesh)
-    epoch_tail = make_epoch_tail(cfg.seed, len(c.ds.x_train), bs, c.mesh, multiple=jax.device_count())
+    log = RunLog(Path(cfg.workdir), enabled=c.proc0, resume_step=start_step)
 
     t0 = time.perf_counter()  # ahead-of-time compile, so no step below is timed with its compile
-    perm, tail = epoch_perm(first_epoch), epoch_tail(first_epoch) if spe > full else None
-    step_fn = steps.on_dataset.lower(state, x_all, y_all, perm).compile()
-    tail_fn = steps.on_indices.lower(state, x_all, y_all, tail).compile() if tail is not None else None
+    inputs.compile(state, start_step)
     c.evaluator.compile(state)
     compile_time = time.perf_counter() - t0
     best_val = c.ckpts.best_val_acc()
     if start_step:
         say(f"resumed from step {start_step} (epoch {first_epoch + 1}, step {start_step - first_epoch * spe} of {spe})")
-    bar_off = cfg.quiet or not c.proc0 or not sys.stderr.isatty()  # a log file gets one line per epoch
-    step, mets, first_step_time, train_time, images, bar = start_step, [], None, 0.0, 0, None
-    t_ep = time.perf_counter()
+    bar_off = cfg.quiet or not c.proc0 or not sys.stderr.isatty()  # a log file gets one line per row
+    step, window, pending, first_step_time, train_time, images, bar = start_step, [], None, None, 0.0, 0, None
+    t_win = last_save = time.perf_counter()
+
+    def row(window: list, step: int, secs: float, bad: int | None, skips: Any, evaluate: State | None = None
+            ) -> dict[str, Any]:
+        """Fetches ``window``'s metrics (raising NonFiniteLoss) and logs its row, evaluating ``evaluate`` if given."""
+        hist = _fetch_finite(c, window, step)
+        r = _row(c, step, hist, window, secs, bad, c.evaluator(evaluate) if evaluate is not None else {}, skips)
+        log.epoch(r)
+        say(_epoch_line(cfg, r))
+        return r
 
     with StopOnSigterm(cfg.stop_timeout) as stop:
         while step < end_step:
             epoch, i = divmod(step, spe)
-            if i == 0 and step != start_step:
-                perm, tail = epoch_perm(epoch), epoch_tail(epoch) if tail_fn else None
             if bar is None:
                 bar = tqdm(total=spe, initial=i, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                            disable=bar_off, leave=False, file=sys.stderr)
-            state, m = tail_fn(state, x_all, y_all, tail) if i == full else step_fn(state, x_all, y_all, perm)
-            mets.append((m, bs if i < full else int(tail.shape[0])))
+            state, m, n = inputs.step(state, step)
+            window.append((m, n))
             step += 1
             if first_step_time is None:
                 jax.block_until_ready(m)
-                first_step_time = time.perf_counter() - t_ep
-            if not bar.disable and len(mets) > 1:  # the previous step's loss: the host never waits on this one
-                bar.set_postfix(loss=f"{float(mets[-2][0]['loss']):.4f}", refresh=False)
+                first_step_time = time.perf_counter() - t_win
+            if pending is not None:  # the previous row, fetched now that this step is queued behind it
+                row(*pending)
+                pending = None
+            if not bar.disable and len(window) > 1:  # the previous step's loss: the host never waits on this one
+                bar.set_postfix(loss=f"{float(window[-2][0]['loss']):.4f}", refresh=False)
             bar.update(1)
             stopping = stop.should_stop(step)
-            if step % spe and not stopping:
+            at_row = step % log_every == 0 or step % eval_every == 0 or step == end_step
+            at_ckpt = step % ckpt_every == 0 or step == end_step or stopping
+            if not (at_row or at_ckpt):
                 continue
-            # the end of an epoch, or a stop: fetch the metrics (the epoch's one host sync), save
-            bar.close()
-            hist = jax.device_get([m for m, _ in mets])
-            bar, ep_time = None, time.perf_counter() - t_ep
-            n_img = sum(n for _, n in mets)
-            train_time, images = train_time + ep_time, images + n_img
-            if not all(h["finite"] for h in hist):
-                bad = step - len(mets) + 1 + [bool(h["finite"]) for h in hist].index(False)
-                last = c.ckpts.latest_step()
-                where = f"step {last} in {Path(cfg.workdir) / 'checkpoints'}" if last is not None else "none"
-                raise NonFiniteLoss(f"non-finite loss or update at step {bad} (epoch {epoch + 1}); the state was "
-                                    f"not saved; last good checkpoint: {where} (lower --lr or set --grad-clip)")
-            if step % spe == 0:
-                row = _epoch_row(c, state, epoch, step, hist, mets, n_img, ep_time)
-                log.epoch(row)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or step == end_step or stopping:
-                    c.ckpts.save(step, state)  # never a diverged state: checked above
-                if row["val_acc"] is not None and (best_val is None or row["val_acc"] > best_val):
-                    best_val = row["val_acc"]
-                    c.ckpts.save_best(step, state, best_val)
-                say(_epoch_line(cfg, row))
-            elif stopping:
-                c.ckpts.save(step, state)
+            if step % spe == 0 or stopping or step == end_step:
+                bar.close()
+                bar = None
+            bad, since_save = None, time.perf_counter() - last_save
+            if at_row:  # a row step (the same on every process): total bad images, process 0's clock
+                bad, since_save = _agree(c, since_save)
+                at_ckpt |= bool(cfg.checkpoint_every_minutes) and since_save >= 60 * cfg.checkpoint_every_minutes
+            if at_row:
+                secs = time.perf_counter() - t_win
+                train_time, images = train_time + secs, images + sum(k for _, k in window)
+                skips = jax.tree.map(jnp.copy, skip_weights(state["params"]))  # copies: the next step donates
+                if step % eval_every and step != end_step and not at_ckpt:
+                    pending = (window, step, secs, bad, skips)  # logged after the next step is queued
+                    r = None
+                else:
+                    at_eval = step % eval_every == 0 or step == end_step
+                    r = row(window, step, secs, bad, skips, evaluate=state if at_eval else None)
+                window, t_win = [], time.perf_counter()
+            else:
+                r = _fetch_finite(c, window, step) and None  # never save a diverged state
+            if at_ckpt:
+                c.ckpts.save(step, state, inputs.data_state())
+                last_save = time.perf_counter()
+            if r is not None and r["val_acc"] is not None and (best_val is None or r["val_acc"] > best_val):
+                best_val = r["val_acc"]
+                c.ckpts.save_best(step, state, best_val)
             if stopping and step < end_step:
                 c.ckpts.wait()
                 where = f"end of epoch {epoch + 1}" if step % spe == 0 else f"epoch {epoch + 1}, mid-epoch"
@@ -319,11 +370,10 @@ def _train(c: _Context, state: State, start_step: int, wall0: float) -> dict[str
                      "rerun the same command to resume")
                 log.close()
                 return {"interrupted": True, "step": step}
-            mets, t_ep = [], time.perf_counter()
         c.ckpts.wait()
     log.close()
-    summary = _summary(cfg, log.rows(), state, wall0=wall0, compile_time=compile_time,
-                       first_step_time=first_step_time, train_time=train_time, images=images, end_epoch=end_epoch)
+    summary = _summary(c, log.rows(), state, wall0=wall0, compile_time=compile_time, first_step_time=first_step_time,
+                       train_time=train_time, images=images, finished=end_step == cfg.epochs * spe)
     log.summary(summary)
     log.plots()
     at_best = summary["test_acc_at_best_val"]
@@ -332,44 +382,79 @@ def _train(c: _Context, state: State, start_step: int, wall0: float) -> dict[str
     return summary
 
 
-def _epoch_row(c: _Context, state: State, epoch: int, step: int, hist: list[dict[str, Any]],
-               mets: list[tuple[Any, int]], n_img: int, ep_time: float) -> dict[str, Any]:
-    """One metrics.jsonl row: train loss (weighted by batch size) and accuracy, evaluation, lr, skip weights."""
-    loss = sum(float(h["loss"]) * n for h, (_, n) in zip(hist, mets)) / n_img
-    return {"epoch": epoch + 1, "step": step, "train_loss": loss,
+def _agree(c: _Context, since_save: float) -> tuple[int | None, float]:
+    """(bad images skipped so far, summed over processes, or None for the resident path; process 0's seconds
+    since the last save): every process gets the same values, so every process takes the same decision.
+    One small all-gather at row steps, only for several processes and only when something needs it."""
+    bad = c.inputs.bad_images()
+    if bad is not None and isinstance(c.evaluator, StreamingEvaluator):
+        bad += c.evaluator.bad
+    if jax.process_count() == 1 or (bad is None and not c.cfg.checkpoint_every_minutes):
+        return bad, since_save
+    from jax.experimental import multihost_utils
+
+    got = np.asarray(multihost_utils.process_allgather(np.array([bad or 0, since_save], np.float32)))
+    return (None if bad is None else int(got[:, 0].sum())), float(got[0, 1])
+
+
+def _fetch_finite(c: _Context, window: list[tuple[Any, int]], step: int) -> list[dict[str, Any]]:
+    """The window's metrics on the host; raises NonFiniteLoss naming the first non-finite step."""
+    hist = jax.device_get([m for m, _ in window])
+    if not all(h["finite"] for h in hist):
+        bad = step - len(window) + 1 + [bool(h["finite"]) for h in hist].index(False)
+        last = c.ckpts.latest_step()
+        where = f"step {last} in {Path(c.cfg.workdir) / 'checkpoints'}" if last is not None else "none"
+        raise NonFiniteLoss(f"non-finite loss or update at step {bad} (epoch {(bad - 1) // c.spe + 1}); the state "
+                            f"was not saved; last good checkpoint: {where} (lower --lr or set --grad-clip)")
+    return hist
+
+
+def _row(c: _Context, step: int, hist: list[dict[str, Any]], window: list[tuple[Any, int]], secs: float,
+         bad: int | None, evals: dict[str, Any], skips: Any) -> dict[str, Any]:
+    """One metrics.jsonl row: train loss (weighted by batch size) and accuracy over the window, the evaluation
+    ``evals`` (none at this row: {}), lr, images/s, bad images, skip weights (device arrays)."""
+    n_img = sum(n for _, n in window)
+    loss = sum(float(h["loss"]) * n for h, (_, n) in zip(hist, window)) / n_img
+    epoch = step // c.spe if step % c.spe == 0 else round(step / c.spe, 4)
+    return {"epoch": epoch, "step": step, "train_loss": loss,
             "train_acc": sum(int(h["correct"]) for h in hist) / n_img, "val_loss": None, "val_acc": None,
-            **c.evaluator(state), "lr": float(c.schedule(step - 1)), "images_per_sec": n_img / ep_time,
-            "epoch_time": ep_time, "skip_weights": skip_values(jax.device_get(skip_weights(state["params"])))}
+            "test_loss": None, "test_acc": None, **evals, "lr": float(c.schedule(step - 1)),
+            "images_per_sec": n_img / secs, "epoch_time": secs, "bad_images": bad,
+            "skip_weights": skip_values(jax.device_get(skips))}
 
 
 def _epoch_line(cfg: Config, row: dict[str, Any]) -> str:
     val = f", val acc {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
+    test = f", test acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""
+    bad = f", {row['bad_images']} bad images skipped" if row["bad_images"] else ""
     return (f"epoch {row['epoch']}/{cfg.epochs} step {row['step']}: train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}{val}, test acc {row['test_acc']:.4f}, "
-            f"{row['images_per_sec']:.0f} img/s, {row['epoch_time']:.1f}s")
+            f"acc {row['train_acc']:.4f}{val}{test}{bad}, {row['images_per_sec']:.0f} img/s, {row['epoch_time']:.1f}s")
 
 
-def _summary(cfg: Config, rows: list[dict[str, Any]], state: State, *, wall0: float, compile_time: float,
-             first_step_time: float | None, train_time: float, images: int, end_epoch: int) -> dict[str, Any]:
+def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: float, compile_time: float,
+             first_step_time: float | None, train_time: float, images: int, finished: bool) -> dict[str, Any]:
     final = rows[-1] if rows else {}
     with_val = [r for r in rows if r.get("val_acc") is not None]
-    best = max(with_val, key=lambda r: r["val_acc"]) if with_val else None  # first epoch of the max
+    best = max(with_val, key=lambda r: r["val_acc"]) if with_val else None  # first row of the max
     devices = jax.devices()
     return {
         "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"), "val_acc": final.get("val_acc"),
-        "epoch": final.get("epoch"), "step": final.get("step"), "finished": end_epoch == cfg.epochs,
+        "epoch": final.get("epoch"), "step": final.get("step"), "finished": finished,
         "test_acc_at_best_val": best["test_acc"] if best else None,
         "best_val_acc": best["val_acc"] if best else None, "best_val_epoch": best["epoch"] if best else None,
         "skip_weights": skip_values(jax.device_get(skip_weights(state["params"]))),
-        "skip_weights_init": json.loads(init.read_text()) if (init := Path(cfg.workdir) / "skip_weights_init.json").exists()
+        "skip_weights_init": json.loads(init.read_text()) if (init := Path(c.cfg.workdir) / "skip_weights_init.json").exists()
         else None,
         "num_params": int(sum(np.size(a) for a in jax.tree.leaves(state["params"]))),
         "wall_time_s": time.perf_counter() - wall0, "compile_time_s": compile_time,
         "first_step_time_s": first_step_time, "train_time_s": train_time,
         "images_per_sec": images / train_time if train_time else None,
+        "input": "streaming" if isinstance(c.inputs, StreamingInput) else "resident",
+        "bad_images": final.get("bad_images"), "classes": list(c.classes) if c.classes is not None else None,
+        "normalization": {"mean": list(c.mean), "std": list(c.std)},
         "devices": {"count": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
                     "kind": devices[0].device_kind},
-        "versions": _versions(), "config": dataclasses.asdict(cfg),
+        "versions": _versions(), "config": dataclasses.asdict(c.cfg),
     }
 
 

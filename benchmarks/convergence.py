@@ -41,6 +41,13 @@ COLORS = {"identity": "black", "learned": "tab:blue", "learned-w1": "tab:cyan", 
           "rezero-w1": "tab:red", "learned-pc": "tab:purple", "learned-normal": "tab:green"}
 _EXTRA_COLORS = ["tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy"]
 SEED_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+SEED_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<"]
+
+
+def _seed_style(i: int, n_points: int) -> dict[str, Any]:
+    """Line style and marker of seed ``i``: together they tell up to 60 seeds apart."""
+    return {"ls": SEED_STYLES[i % len(SEED_STYLES)], "marker": SEED_MARKERS[i % len(SEED_MARKERS)],
+            "markersize": 3, "markevery": max(1, n_points // 8)}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -230,11 +237,11 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
         for v in names:
             for i, r in enumerate(runs[v]):
                 ax.plot([row["epoch"] for row in r["rows"]], [100 * row[key] for row in r["rows"]],
-                        color=color(v, names), ls=SEED_STYLES[i % len(SEED_STYLES)], alpha=0.85, lw=1.2,
+                        color=color(v, names), **_seed_style(i, len(r["rows"])), alpha=0.85, lw=1.2,
                         label=f"{v} ({_init_label(r)})".replace(" ()", "") if i == 0 else None)
         ax.set(xlabel="epoch", ylabel=f"{key.split('_')[0]} accuracy (%)", title=f"{key.split('_')[0]} accuracy")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title=f"line style = seed (0-{a.seeds - 1})", title_fontsize=7)
+    axes[0].legend(fontsize=8, title=f"line style and marker = seed (0-{a.seeds - 1})", title_fontsize=7)
     fig.suptitle(what, fontsize=10)
     fig.tight_layout()
     paths = [a.out / "accuracy.png"]
@@ -252,7 +259,7 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
                     init = (r["summary"].get("skip_weights_init") or {}).get(b)
                     ep = ([0] if init is not None else []) + [row["epoch"] for row in r["rows"]]
                     w = ([_scalar(init)] if init is not None else []) + [_scalar(row["skip_weights"][b]) for row in r["rows"]]
-                    ax.plot(ep, w, color=cmap(j), ls=SEED_STYLES[i % len(SEED_STYLES)], alpha=0.8, lw=1.1,
+                    ax.plot(ep, w, color=cmap(j), **_seed_style(i, len(ep)), alpha=0.8, lw=1.1,
                             label=b if i == 0 else None)
             ax.axhline(1.0, color="grey", lw=0.5, ls="--")
             ax.axhline(0.0, color="grey", lw=0.5)
@@ -260,7 +267,7 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
                    title=f"{v} ({_init_label(runs[v][0])})".replace(" ()", ""))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-        fig.suptitle(f"{what}: skip weight per block (line style = seed)", fontsize=10)
+        fig.suptitle(f"{what}: skip weight per block (line style and marker = seed)", fontsize=10)
         fig.tight_layout()
         paths.append(a.out / "skip_weights.png")
         fig.savefig(paths[-1], dpi=120)

@@ -53,8 +53,12 @@ COMPARISONS = [
     _c("digits, 10 seeds: learned-pc vs learned", "digits-10seeds", "learned", "learned-pc"),
     *[_c(f"depth, digits, {m}: {v} vs identity", f"depth-digits-{m}", "identity", v)
       for m in ("resnet20", "resnet56", "resnet110") for v in ("learned", "learned-w1", "rezero")],
-    *[_c(f"depth, CIFAR-10 5k, {m}: {v} vs identity", f"depth-cifar-{m}", "identity", v)
-      for m in ("resnet20", "resnet56") for v in ("learned", "learned-w1", "rezero")],
+    Comparison("depth, CIFAR-10 5k, resnet20: learned-w1 vs identity", "cifar-r20-5k", "identity",
+               "cifar-r20-5k-init1", "learned"),
+    Comparison("depth, CIFAR-10 5k, resnet20: rezero-w1 vs identity", "cifar-r20-5k", "identity",
+               "cifar-r20-5k-init1", "rezero"),
+    *[_c(f"depth, CIFAR-10 5k, resnet56: {v} vs identity", "depth-cifar-resnet56", "identity", v)
+      for v in ("learned", "learned-w1", "rezero")],
     *[_c(f"digits, Adam lr {lr}: {v} vs identity", f"digits-lr{lr}", "identity", v)
       for lr in ("0.001", "0.003", "0.01", "0.03") for v in ("learned", "learned-x10")],
     _c("CIFAR-10 5k, 50 epochs: learned-w1 vs learned", "cifar-r20-5k-50ep", "learned", "learned-w1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -58,6 +59,13 @@ def count_compiles() -> Iterator[list[int]]:
         yield n
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with ``devices`` CPU devices, keeping the caller's other XLA flags (such as
+    ``--xla_cpu_max_isa=AVX2``, which the whole suite can run under to imitate an older CPU)."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def free_port() -> int:

@@ -162,3 +162,25 @@ def test_gpu_script_runs_end_to_end_in_smoke_mode(tmp_path):
         assert json.loads((out / name).read_text())
     rows = json.loads((out / "throughput-bf16.json").read_text())["results"]
     assert {r["dtype"] for r in rows} == {"bfloat16"} and {r["skip"] for r in rows} == {"identity", "learned"}
+
+
+@pytest.mark.slow
+def test_gpu_science_script_runs_end_to_end_with_tiny_models(tmp_path):
+    """results/gpu_science.sh (the GPU part of RESULTS.md) with EXTRA making every run tiny, on CPU: every
+    section runs and writes its sweep table, so a GPU lease is not spent finding a typo."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (64, 32, 32, 3), np.uint8), y_train=rng.integers(0, 10, 64),
+             x_test=rng.integers(0, 256, (32, 32, 32, 3), np.uint8), y_test=rng.integers(0, 10, 32))
+    out = tmp_path / "science"
+    env = {**os.environ, "PYTHON": sys.executable, "CIFAR10_NPZ": str(data), "OUT": str(out), "SEEDS": "1",
+           "EXTRA": "--model tiny --epochs 1 --max-train 48 --max-test 32 --batch-size 16 --val-split 0.25"}
+    script = Path(__file__).resolve().parents[1] / "results" / "gpu_science.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = sorted(p.parent.name for p in out.glob("*/convergence.json"))
+    assert sweeps == ["depth-full-resnet110", "depth-full-resnet20", "depth-full-resnet56", "paper-full",
+                      "paper-full-resnet50keras"]
+    depth = json.loads((out / "depth-full-resnet56" / "convergence.json").read_text())
+    assert set(depth["rules"]) == {"identity", "learned", "learned-w1", "rezero"}
+    assert depth["config"]["dtype"] == "bfloat16" and depth["config"]["preset"] == "cifar"

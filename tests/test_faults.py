@@ -26,7 +26,7 @@ import pytest
 
 from adaresnet_jax import train as T
 from helpers import (  # noqa: F401 (autouse fixture)
-    Processes, compilation_cache, count_compiles, final_params, free_port, run_processes)
+    Processes, compilation_cache, count_compiles, final_params, free_port, run_processes, xla_flags)
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 training digits, batch 32: 8 steps an epoch, 3 epochs, cosine schedule.
@@ -44,7 +44,7 @@ KILL_FLAGS = ["--dataset", "digits", "--model", "tiny", "--width", "4", "--max-t
 def env_for(devices: int = 1, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ADARESNET_TEST_COMMIT_DELAY")}
     env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra})
+                "XLA_FLAGS": xla_flags(devices), **extra})
     return env
 
 

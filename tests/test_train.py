@@ -30,7 +30,7 @@ from adaresnet_jax.config import PRESETS, Config, build_parser, parse_config
 from adaresnet_jax.metrics import EPOCH_KEYS
 from adaresnet_jax.models import create_model
 from helpers import (  # noqa: F401 (autouse fixture)
-    assert_trees_equal, compilation_cache, count_compiles, final_params, free_port, run_processes)
+    assert_trees_equal, compilation_cache, count_compiles, final_params, free_port, run_processes, xla_flags)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--model", "tiny", "--width", "4", "--max-train", "256", "--max-test", "100", "--batch-size", "32",
@@ -208,9 +208,8 @@ def test_eval_only_reproduces_summary(mocked_run: Path, capsys: pytest.CaptureFi
     assert result["step"] == summary["step"] and result["test_acc"] == summary["test_acc"]
     assert result["val_acc"] == summary["val_acc"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test_acc"] == summary["test_acc"]
-    with tfds_mock(num_examples=96):
-        assert T.main(["--eval-only", "--eval-from", "best", "--workdir", str(mocked_run),
-                       "--data-dir", str(mocked_run / "tfds")]) == 0
+    with tfds_mock(num_examples=96):  # no --data-dir: the run's own data location
+        assert T.main(["--eval-only", "--eval-from", "best", "--workdir", str(mocked_run)]) == 0
     best = json.loads((mocked_run / "eval_best.json").read_text())
     assert best["step"] == 4 * summary["best_val_epoch"] and best["val_acc"] == summary["best_val_acc"]
     assert best["test_acc"] == summary["test_acc_at_best_val"]
@@ -269,6 +268,25 @@ def test_non_finite_loss_stops_without_saving(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "non-finite" in err and "step" in err and "last good checkpoint: none" in err
     assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").glob("*"))
+
+
+def test_step_cadence_and_time_based_checkpoints(tmp_path: Path) -> None:
+    """8 steps an epoch, 2 epochs. Rows every 3 steps and at each evaluation (every epoch, by default) and the
+    end; checkpoints every 5 steps and at the end. Then --checkpoint-every-minutes (tiny): a checkpoint at
+    every row step, the time decided there."""
+    flags = TINY + ["--epochs", "2", "--keep-checkpoints", "20"]
+    wd = tmp_path / "steps"
+    assert T.main(flags + ["--log-every-steps", "3", "--checkpoint-every-steps", "5", "--workdir", str(wd)]) == 0
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 0.375), (6, 0.75), (8, 1), (9, 1.125), (12, 1.5),
+                                                       (15, 1.875), (16, 2)]
+    assert [r["step"] for r in rows if r["test_acc"] is not None] == [8, 16]
+    assert all(r["bad_images"] is None and set(r) == set(EPOCH_KEYS) for r in rows)
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [5, 10, 15, 16]
+    wd = tmp_path / "minutes"
+    assert T.main(flags + ["--log-every-steps", "2", "--checkpoint-every", "9", "--checkpoint-every-minutes", "1e-9",
+                           "--workdir", str(wd)]) == 0
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -405,7 +423,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path: Path) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     code = f"WORKDIR = {str(tmp_path)!r}\n" + EIGHT_DEVICES
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -486,3 +504,27 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.glob("adaresnet_jax-*.dist-info"))
+
+
+def test_last_partial_batch_is_trained_like_keras_fit(tmp_path: Path) -> None:
+    """--no-drop-last (preset paper, as Keras' fit): 100 images at batch 32 make 3 full batches and one of
+    4 every epoch; each epoch's permutation covers every image once; resume inside an epoch is exact."""
+    mesh = T.make_mesh()
+    full = T.make_epoch_permutation(7, 100, 32, mesh)(3)
+    tail = T.make_epoch_tail(7, 100, 32, mesh)(3)
+    assert full.shape == (3, 32) and tail.shape == (4,)
+    assert sorted(np.concatenate([np.asarray(full).ravel(), np.asarray(tail)]).tolist()) == list(range(100))
+    assert T.make_epoch_tail(7, 96, 32, mesh)(0) is None and T.make_epoch_tail(7, 101, 32, mesh, multiple=2)(0).shape == (4,)
+    base = [f for f in TINY if f not in ("256", "--max-train")] + ["--max-train", "100", "--schedule", "constant",
+                                                                   "--augment"]
+    flags = base + ["--no-drop-last"]
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "a")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert T.main(flags + ["--epochs", "2", "--stop-after-steps", "6", "--workdir", str(tmp_path / "b")]) == 0
+    assert final_params(tmp_path / "b")[0] == 6
+    assert T.main(flags + ["--epochs", "2", "--workdir", str(tmp_path / "b")]) == 0
+    assert_trees_equal(final_params(tmp_path / "a")[1], final_params(tmp_path / "b")[1])
+    assert T.main(base + ["--epochs", "2", "--workdir", str(tmp_path / "dropped")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "dropped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]  # the default drops the 4 left over

@@ -20,7 +20,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 
@@ -305,7 +305,11 @@ def _read_source(src: Sequence, chunk: int = 1024) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _load_tfds(name: str, data_dir: str | None) -> tuple[tuple[np.ndarray, ...], int]:
+def open_tfds(name: str, data_dir: str | None, decoders: dict | None = None) -> tuple[Sequence, Sequence, Any]:
+    """(train, test, features) of a TFDS data set prepared as ArrayRecord, through `tfds.data_source` (random
+    access, no TensorFlow). A set without a 'test' split (imagenet2012, imagenette) is evaluated on its
+    'validation' split. `decoders` as for `tfds.data_source` (``tfds.decode.SkipDecoding()`` keeps encoded
+    image bytes). Raises DataError (one line, saying how to prepare it) when it cannot be read."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.registered import DatasetNotFoundError
 
@@ -313,8 +317,13 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[tuple[np.ndarray, ...],
     how = (f"prepare it once with `pip install 'adaresnet-jax[prepare]' && tfds build {name} --data_dir "
            f"{data_dir or '~/tensorflow_datasets'} --file_format array_record` (needs network and TensorFlow), "
            "or pass --data-dir a CIFAR python archive or an .npz with x_train/y_train/x_test/y_test")
+
+    def source(splits: list[str]) -> list:
+        extra = {"decoders": decoders} if decoders else {}
+        return tfds.data_source(name, split=splits, data_dir=data_dir, download=False, **extra)
+
     try:
-        train, test = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
+        train, test = source(["train", "test"])
     except DatasetNotFoundError:
         raise DataError(f"unknown dataset '{name}': use one of {_EXAMPLES} or another TFDS "
                         "image-classification name") from None
@@ -323,16 +332,23 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[tuple[np.ndarray, ...],
         if not builder.is_prepared():
             raise DataError(f"dataset '{name}' is not prepared in {where}: {how}") from e
         splits, fmt = sorted(builder.info.splits), builder.info.file_format
-        if not {"train", "test"} <= set(splits):
-            raise DataError(f"dataset '{name}' has splits {splits}, not 'train' and 'test': "
+        if not ({"train", "test"} <= set(splits) or {"train", "validation"} <= set(splits)):
+            raise DataError(f"dataset '{name}' has splits {splits}, not 'train' and 'test' (or 'validation'): "
                             "pass --data-dir an .npz with x_train/y_train/x_test/y_test instead") from e
         if fmt is not None and fmt.value != "array_record":
             raise DataError(f"dataset '{name}' in {where} is stored as {fmt.value}, but reading it without "
                             f"TensorFlow needs ArrayRecord: {how}") from e
-        raise DataError(f"cannot read dataset '{name}' from {where} ({e}): {how}") from e
+        if "test" in splits:
+            raise DataError(f"cannot read dataset '{name}' from {where} ({e}): {how}") from e
+        train, test = source(["train", "validation"])
     features = train.dataset_info.features
     if "label" not in features or not hasattr(features["label"], "num_classes"):
         raise DataError(f"dataset '{name}' has no class 'label' feature: it is not an image-classification set")
+    return train, test, features
+
+
+def _load_tfds(name: str, data_dir: str | None) -> tuple[tuple[np.ndarray, ...], int]:
+    train, test, features = open_tfds(name, data_dir)
     return _read_source(train) + _read_source(test), int(features["label"].num_classes)
 
 
