@@ -384,3 +384,24 @@ def test_paper_the_same_with_tuned(image_batch):
     logits = {i: jax.jit(lambda v, m=m: m.apply(v, x, train=False))(v) for i, m in models.items()}
     assert _rel(logits["tuned"], logits["xla"]) < 1e-4
     assert _rel(g["tuned"], g["xla"]) <= 2 * _rel(g["hybrid"], g["xla"]) + 1e-5
+
+
+@pytest.mark.parametrize("size,padding", [(16, "SAME"), (16, ((1, 1), (1, 1))), (7, "SAME"), (7, ((1, 1), (1, 1))),
+                                          (2, "SAME"), (1, ((1, 1), (1, 1)))])
+def test_slice_max_pool_equals_flax(size, padding):
+    """Values and gradients exactly nn.max_pool's where every window has a unique maximum (random inputs)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, size, size, 5), np.float32))
+    args = ((3, 3), (2, 2), padding)
+    (want, vjp_want), (got, vjp_got) = jax.vjp(lambda a: nn.max_pool(a, *args), x), \
+        jax.vjp(lambda a: conv_lib.slice_max_pool(a, *args), x)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape, np.float32))
+    assert np.array_equal(vjp_got(ct)[0], vjp_want(ct)[0])
+    assert conv_lib.max_pool_fn("tuned") is conv_lib.slice_max_pool and conv_lib.max_pool_fn("xla") is nn.max_pool
+
+
+def test_slice_max_pool_shares_tied_gradients():
+    """All-equal windows: the gradient of each output is shared among its tied inputs, its total kept."""
+    x = jnp.zeros((1, 4, 4, 1))
+    g = jax.grad(lambda a: conv_lib.slice_max_pool(a, (3, 3), (2, 2), "SAME").sum())(x)
+    assert float(g.sum()) == pytest.approx(4.0) and float(g.min()) >= 0
