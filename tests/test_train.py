@@ -461,8 +461,9 @@ def test_readme_two_process_command_under_load(tmp_path: Path) -> None:
     """The README's two-process commands as written (with a free port, a temporary workdir and --epochs 2),
     while two busy loops keep both cores busy: both finish, and their metrics equal one process with the
     same 4 devices. The quick preset trains with Adam, whose m / sqrt(v) turns the float32 round-off of
-    another all-reduce order into small differences that grow (0.9% in the epoch-1 validation loss here):
-    the first epoch's losses agree to 3%, the accuracies within 5 points. The strict check, with SGD, is
+    another all-reduce order into small differences that grow (in the epoch-1 validation loss: 0.9% with
+    conv_impl "hybrid", 3.5% with "tuned", the CPU default since 2026-11-28, whose Winograd and im2col
+    gradients round differently): the first epoch's losses agree to 5%, the accuracies within 5 points. The strict check, with SGD, is
     tests/test_faults.py (1e-5). The latest and best checkpoints save the same steps here, the case that
     used to hang on a shared barrier."""
     env, cmds = readme_two_process_commands()
@@ -486,7 +487,7 @@ def test_readme_two_process_command_under_load(tmp_path: Path) -> None:
     multi, one = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (wd, single))
     assert [r["epoch"] for r in multi] == [r["epoch"] for r in one] == [1, 2]
     for key in ("train_loss", "val_loss", "test_loss"):
-        assert multi[0][key] == pytest.approx(one[0][key], rel=3e-2), key
+        assert multi[0][key] == pytest.approx(one[0][key], rel=5e-2), key
     for m, o in zip(multi, one):  # 0.05: 7 of the 144 validation images (2.8 points seen here)
         assert abs(m["test_acc"] - o["test_acc"]) <= 0.05 and abs(m["val_acc"] - o["val_acc"]) <= 0.05, (m, o)
     summary = json.loads((wd / "summary.json").read_text())
