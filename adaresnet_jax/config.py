@@ -30,7 +30,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step", "onecycle"]
 DType = Literal["float32", "bfloat16", "auto"]
 InputPath = Literal["auto", "resident", "streaming"]
-ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid"]
+ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid", "tuned"]
 EvalFrom = Literal["latest", "best"]
 
 # Fields that may differ between a run and its resumption (they do not change the trained model).
@@ -65,7 +65,7 @@ class Config:
                                                 "'normal' (Keras' RandomNormal(0.05), the seed script's variant)")
     skip_per_channel: bool = _f(False, "one skip weight per channel instead of one per block")
     width: int | None = _f(None, "width of the first stage (num_filters); none: the network's own")
-    conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: hybrid on CPU, xla elsewhere; see adaresnet_jax.conv)")
+    conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: tuned on CPU, xla elsewhere; see adaresnet_jax.conv)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     # data
     dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset) "

@@ -10,19 +10,30 @@ Gradients come from JAX autodiff through ``pad``/``slice``/``concatenate``/``dot
 
 Use with flax: ``nn.Conv(..., conv_general_dilated=slice_dot_conv)``, or pick an
 implementation by name with :func:`conv_fn`.
+
+``tuned_conv`` goes further: a ``jax.custom_vjp`` that runs each of the three passes of each
+convolution (forward, input gradient, kernel gradient) with the algorithm measured fastest for its
+shape on CPU (:func:`plan`): XLA's convolution, slice-and-dot, Winograd F(2x2, 3x3) or F(4x4, 3x3)
+(:mod:`adaresnet_jax.winograd`), or, for the kernel gradient, im2col products over cache-sized batch
+chunks. XLA's own kernel gradient is the slow part of a CPU train step (2-5x its forward pass).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("xla", "slice_dot", "hybrid")
+from adaresnet_jax import winograd
+
+CONV_IMPLS = ("xla", "slice_dot", "hybrid", "tuned")
 # hybrid: slice_dot where the output map has at most this many positions, XLA elsewhere.
 HYBRID_MAX_POSITIONS = 16
 
@@ -101,17 +112,7 @@ def slice_dot_conv(
     if kcin != cin or min(ph_lo, ph_hi, pw_lo, pw_hi) < 0 or oh <= 0 or ow <= 0 or not rows or not cols:
         return fallback()
 
-    x = lhs
-    if any((rh_lo, rh_hi, rw_lo, rw_hi)):
-        x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (rh_lo, rh_hi, 0), (rw_lo, rw_hi, 0), (0, 0, 0)))
-
-    def tap(i: int, j: int) -> jax.Array:
-        """(N, OH, OW, Cin): the input pixels multiplied by live tap (i, j), offsets in ``x``."""
-        limit = (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, cin)
-        return lax.slice(x, (0, i, j, 0), limit, (1, sh, sw, 1))
-
-    patches = [tap(i, j) for i in range(len(rows)) for j in range(len(cols))]
-    patch = patches[0] if len(patches) == 1 else lax.concatenate(patches, dimension=3)
+    patch = _patch_matrix(lhs, (sh, sw), (oh, ow), rows, cols, (rh_lo, rh_hi, rw_lo, rw_hi))
     # Keep only live taps of the kernel, in the same (row, col, cin) order as the patches.
     kernel = rhs[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     kernel = kernel.reshape(len(rows) * len(cols) * cin, cout)
@@ -119,6 +120,33 @@ def slice_dot_conv(
         patch, kernel, (((3,), (0,)), ((), ())),
         precision=precision, preferred_element_type=preferred_element_type,
     )
+
+
+def _patch_matrix(x: jax.Array, strides: tuple[int, int], out: tuple[int, int], rows: range, cols: range,
+                  pads: tuple[int, int, int, int], gather: bool = False) -> jax.Array:
+    """(N, OH, OW, live taps * Cin): the input pixels each live tap multiplies, taps in (row, col) order.
+
+    ``pads`` (top, bottom, left, right) is the padding the live taps need (from ``_live_taps``).
+    ``gather``: one gather instead of a slice per tap (XLA on CPU fuses it with the padding into one
+    kernel, and compiles one kernel instead of one per tap); its gradient would be a scatter, so only
+    for values that are never differentiated.
+    """
+    n, _, _, cin = x.shape
+    (sh, sw), (oh, ow) = strides, out
+    if any(pads):
+        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pads[0], pads[1], 0), (pads[2], pads[3], 0), (0, 0, 0)))
+    if gather:
+        r = (np.arange(len(rows))[None, :] + sh * np.arange(oh)[:, None])[:, None, :, None]  # (OH, 1, taps, 1)
+        c = (np.arange(len(cols))[None, :] + sw * np.arange(ow)[:, None])[None, :, None, :]  # (1, OW, 1, taps)
+        return x[:, r, c].reshape(n, oh, ow, len(rows) * len(cols) * cin)
+
+    def tap(i: int, j: int) -> jax.Array:
+        """(N, OH, OW, Cin): the input pixels multiplied by live tap (i, j), offsets in ``x``."""
+        limit = (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, cin)
+        return lax.slice(x, (0, i, j, 0), limit, (1, sh, sw, 1))
+
+    patches = [tap(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    return patches[0] if len(patches) == 1 else lax.concatenate(patches, dimension=3)
 
 
 def hybrid_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -135,12 +163,210 @@ def hybrid_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     return impl(lhs, rhs, window_strides, padding, **kwargs)
 
 
+# ----------------------------------------------------------------------------- tuned: an algorithm per pass
+
+# winograd: F(2x2, 3x3); winograd4: F(4x4, 3x3) (adaresnet_jax.winograd)
+FORWARD_ALGORITHMS = ("xla", "slice_dot", "winograd", "winograd4")
+INPUT_GRAD_ALGORITHMS = ("xla", "slice_dot", "winograd", "winograd4")
+KERNEL_GRAD_ALGORITHMS = ("xla", "im2col", "winograd", "winograd4")
+IM2COL_CHUNK_ROWS = 1024  # output positions per chunk of the im2col kernel gradient
+WINOGRAD_MIN_CHANNELS = 128  # below, XLA's own convolution is as fast on CPU (forward and input gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The algorithm of each pass of one convolution (see ``plan``); ``chunked``: scan over batch chunks."""
+
+    forward: str
+    input_grad: str
+    kernel_grad: str
+    chunked: bool = True
+
+
+def winograd_applies(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                     pads: Sequence[tuple[int, int]], dtype: Any) -> bool:
+    """Stride-1 3x3 with one pixel of zero padding on every side (SAME and symmetric agree), float32."""
+    return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+            and tuple(map(tuple, pads)) == ((1, 1), (1, 1)) and jnp.dtype(dtype) == jnp.float32)
+
+
+def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+         pads: Sequence[tuple[int, int]], dtype: Any = jnp.float32) -> Plan:
+    """The measured choice for one NHWC/HWIO convolution on CPU (benchmarks/conv_profile.py, benchmarks/README.md).
+
+    - forward and input gradient: Winograd for stride-1 3x3 layers with at least WINOGRAD_MIN_CHANNELS
+      channels in and out on maps of 2x2 to 16x16, F(4x4, 3x3) from 4x4 up, F(2x2, 3x3) below (0.85x of
+      XLA's time at 16x16, half or less at 8x8 and under); slice-and-dot for outputs of at most
+      HYBRID_MAX_POSITIONS positions; XLA's convolution otherwise (large maps, and few channels);
+    - kernel gradient: Winograd for every stride-1 3x3 layer on a map of 2x2 or more (F(4x4, 3x3) from
+      4x4 up), chunked im2col products for every other layer (XLA's own kernel gradient takes 2-5x as long).
+
+    Chunks (cache-sized ``lax.scan``) only on a single device: a scan over a batch that is sharded over
+    devices would gather it.
+    """
+    cin, cout = x_shape[3], w_shape[3]
+    oh, ow = _conv_out(x_shape, w_shape, strides, pads)
+    positions = oh * ow
+    wino = winograd_applies(x_shape, w_shape, strides, pads, dtype) and positions >= 4
+    winograd_m = "winograd4" if positions >= 16 else "winograd"
+    if wino and positions <= 256 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS:
+        direct = winograd_m
+    else:
+        direct = "slice_dot" if positions <= HYBRID_MAX_POSITIONS else "xla"
+    return Plan(forward=direct, input_grad=direct, kernel_grad=winograd_m if wino else "im2col",
+                chunked=jax.device_count() == 1)
+
+
+def _conv_out(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+              pads: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    return tuple((x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2))
+
+
+def _tile(algorithm: str) -> int:
+    """The output tile of a Winograd algorithm: 4 for "winograd4", 2 for "winograd"."""
+    return 4 if algorithm == "winograd4" else 2
+
+
+def forward(algorithm: str, x: jax.Array, w: jax.Array, strides: tuple[int, int],
+            pads: Sequence[tuple[int, int]], chunked: bool = True) -> jax.Array:
+    """The convolution (NHWC x HWIO -> NHWC) by ``algorithm`` (one of FORWARD_ALGORITHMS)."""
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3(x, w, _tile(algorithm), chunked)
+    fn = slice_dot_conv if algorithm == "slice_dot" else lax.conv_general_dilated
+    return fn(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def input_grad(algorithm: str, x: jax.Array, w: jax.Array, dy: jax.Array, strides: tuple[int, int],
+               pads: Sequence[tuple[int, int]], chunked: bool = True) -> jax.Array:
+    """d(conv(x, w))/dx applied to ``dy`` by ``algorithm``: winograd, or the autodiff of xla / slice_dot."""
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3_input_grad(w, dy, _tile(algorithm), chunked)
+    return jax.vjp(lambda a: forward(algorithm, a, w, strides, pads), x)[1](dy)[0]
+
+
+def kernel_grad(algorithm: str, x: jax.Array, w_shape: Sequence[int], dy: jax.Array, strides: tuple[int, int],
+                pads: Sequence[tuple[int, int]], chunked: bool = True) -> jax.Array:
+    """d(conv(x, w))/dw applied to ``dy`` by ``algorithm`` (one of KERNEL_GRAD_ALGORITHMS).
+
+    ``im2col``: ``dy^T @ patches`` over the live taps, accumulated in float32 over batch chunks of about
+    IM2COL_CHUNK_ROWS output positions, so each chunk's patch matrix stays in cache; dead taps get zeros.
+    """
+    if algorithm.startswith("winograd"):
+        return winograd.conv3x3_kernel_grad(x, dy, _tile(algorithm), chunked)
+    if algorithm == "xla":
+        zero = jnp.zeros(w_shape, x.dtype)
+        return jax.vjp(lambda b: forward("xla", x, b, strides, pads), zero)[1](dy)[0]
+    (n, h, wd, c), (kh, kw, _, k) = x.shape, w_shape
+    oh, ow = dy.shape[1:3]
+    rows, rh_lo, rh_hi = _live_taps(h, kh, strides[0], pads[0][0], oh)
+    cols, rw_lo, rw_hi = _live_taps(wd, kw, strides[1], pads[1][0], ow)
+
+    def part(xc: jax.Array, dc: jax.Array) -> jax.Array:
+        patch = _patch_matrix(xc, strides, (oh, ow), rows, cols, (rh_lo, rh_hi, rw_lo, rw_hi), gather=True)
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731 - XLA on CPU has no bf16 x bf16 -> f32 product
+        return lax.dot_general(f32(dc), f32(patch), (((0, 1, 2), (0, 1, 2)), ((), ())))
+
+    chunk = _largest_divisor(n, IM2COL_CHUNK_ROWS // (oh * ow)) if chunked else n
+    if chunk == n:
+        g = part(x, dy)
+    else:
+        split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])  # noqa: E731
+        g, _ = lax.scan(lambda acc, a: (acc + part(*a), None), jnp.zeros((k, len(rows) * len(cols) * c), jnp.float32),
+                        (split(x), split(dy)))
+    live = g.T.reshape(len(rows), len(cols), c, k).astype(x.dtype)
+    return jnp.zeros(w_shape, x.dtype).at[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].set(live)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``max(limit, 1)``."""
+    return next(d for d in range(max(1, min(n, limit)), 0, -1) if n % d == 0)
+
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _tuned(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, p: Plan) -> jax.Array:
+    return forward(p.forward, x, w, strides, pads, p.chunked)
+
+
+def _tuned_fwd(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
+               p: Plan) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _tuned(x, w, strides, pads, p), (x, w)
+
+
+def _tuned_bwd(strides: tuple[int, int], pads: Pads, p: Plan, res: tuple[jax.Array, jax.Array],
+               dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    return (input_grad(p.input_grad, x, w, dy, strides, pads, p.chunked),
+            kernel_grad(p.kernel_grad, x, w.shape, dy, strides, pads, p.chunked))
+
+
+_tuned.defvjp(_tuned_fwd, _tuned_bwd)
+
+
+def tuned_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+               padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated``: each pass of each convolution by the algorithm ``plan`` picks.
+
+    Fast path: NHWC/HWIO 2-D convolutions without dilation or groups, non-negative padding, no
+    ``precision``/``preferred_element_type``; anything else is ``hybrid_conv``. Values and gradients equal
+    ``lax.conv_general_dilated``'s up to float32 round-off (Winograd: relative error ~1e-6 for F(2x2, 3x3), ~5e-6 for F(4x4, 3x3)).
+    """
+    dn = kwargs.get("dimension_numbers")
+    plain = all(kwargs.get(k) in (None, 1, (1, 1)) for k in
+                ("lhs_dilation", "rhs_dilation", "feature_group_count", "batch_group_count", "precision",
+                 "preferred_element_type"))
+    if (lhs.ndim != 4 or rhs.ndim != 4 or dn is None or not plain
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn) != _NHWC_HWIO or rhs.shape[2] != lhs.shape[3]):
+        return hybrid_conv(lhs, rhs, window_strides, padding, **kwargs)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+        pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if min(min(p) for p in pads) < 0 or min(_conv_out(lhs.shape, rhs.shape, strides, pads)) <= 0:
+        return hybrid_conv(lhs, rhs, window_strides, padding, **kwargs)
+    return _tuned(lhs, rhs, strides, pads, plan(lhs.shape, rhs.shape, strides, pads, lhs.dtype))
+
+
+def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                   padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+    """``flax.linen.max_pool`` on an NHWC batch as the maximum of one strided slice per window tap.
+
+    The same values as ``nn.max_pool`` (padding never wins: it is ``-inf``). The gradient differs only
+    where a window's maximum is not unique: ``nn.max_pool``'s ``select_and_scatter`` gives it all to one
+    input, this one shares it between the tied inputs (``jnp.maximum``'s rule). After a ReLU, ties are
+    zeros whose own gradient is zero, so a network's gradients are the same. On CPU its forward and
+    backward take a fifth of the time of XLA's ``reduce_window`` / ``select_and_scatter`` (3x3/2 on the
+    16x16x64 maps of the ImageNet stem at 32x32, batch 128: ~10 against ~57 CPU-ms).
+    """
+    n, h, w, c = x.shape
+    (kh, kw), (sh, sw) = window, strides
+    pads = lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding) if isinstance(padding, str) else padding
+    (top, bottom), (left, right) = pads
+    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    taps = [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    return functools.reduce(jnp.maximum, taps)
+
+
+def max_pool_fn(impl: str) -> Callable[..., jax.Array]:
+    """The max pooling that goes with the convolution implementation ``impl``: ``slice_max_pool`` for
+    ``"tuned"``, ``flax.linen.max_pool`` for the others."""
+    if impl == "tuned":
+        return slice_max_pool
+    return nn.max_pool
+
+
 ConvFn = Callable[..., jax.Array]
 
 
 def conv_fn(impl: str) -> ConvFn:
     """The ``conv_general_dilated`` implementation named ``impl`` (one of ``CONV_IMPLS``)."""
-    fns = {"xla": lax.conv_general_dilated, "slice_dot": slice_dot_conv, "hybrid": hybrid_conv}
+    fns = {"xla": lax.conv_general_dilated, "slice_dot": slice_dot_conv, "hybrid": hybrid_conv, "tuned": tuned_conv}
     if impl not in fns:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
     return fns[impl]
@@ -149,6 +375,7 @@ def conv_fn(impl: str) -> ConvFn:
 def default_conv_impl(backend: str | None = None) -> str:
     """The implementation ``conv_impl="auto"`` resolves to: measured per backend (benchmarks/README.md).
 
-    CPU: ``"hybrid"``; other backends: ``"xla"`` until measured there.
+    CPU: ``"tuned"`` (1.0-1.5x ``"hybrid"``'s train step on the benchmark networks, ``benchmarks/vs_pytorch.py``);
+    other backends: ``"xla"`` until measured there.
     """
-    return "hybrid" if (backend or jax.default_backend()) == "cpu" else "xla"
+    return "tuned" if (backend or jax.default_backend()) == "cpu" else "xla"

@@ -193,7 +193,7 @@ class ResNet(nn.Module):
       kernel_init: conv kernel initialiser.
       head_init: kernel initialiser of the final Dense layer (its bias starts at zero).
       conv_bias: whether convolutions carry a bias.
-      conv_impl: ``"xla"``, ``"slice_dot"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
+      conv_impl: ``"xla"``, ``"slice_dot"``, ``"hybrid"``, ``"tuned"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
       act: activation after every BN of the branch and after the add.
     """
 
@@ -243,9 +243,9 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = self.act(norm(name="stem_bn")(conv(self.num_filters, (7, 7), (2, 2), name="stem_conv")(x)))
             if self.padding == "symmetric":
-                x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+                x = conv_lib.max_pool_fn(impl)(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
             else:
-                x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+                x = conv_lib.max_pool_fn(impl)(x, (3, 3), (2, 2), padding="SAME")
         else:
             x = self.act(norm(name="stem_bn")(conv(self.num_filters, (3, 3), name="stem_conv")(x)))
 

@@ -17,9 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import conv_profile  # noqa: E402
 import convergence  # noqa: E402
 import stats  # noqa: E402
 import throughput  # noqa: E402
+import vs_pytorch  # noqa: E402
 
 import adaresnet_jax as ar  # noqa: E402
 
@@ -184,3 +186,65 @@ def test_gpu_science_script_runs_end_to_end_with_tiny_models(tmp_path):
     depth = json.loads((out / "depth-full-resnet56" / "convergence.json").read_text())
     assert set(depth["rules"]) == {"identity", "learned", "learned-w1", "rezero"}
     assert depth["config"]["dtype"] == "bfloat16" and depth["config"]["preset"] == "cifar"
+
+
+TORCH_PYTHON = os.environ.get("TORCH_PYTHON")  # an interpreter with torch (benchmarks/README.md); else skipped
+
+
+def _vs_pytorch_smallest(tmp_path, *extra):
+    out = tmp_path / "vs.json"
+    report = vs_pytorch.main(["--models", "resnet20", "--batch", "8", "--rounds", "2", "--steps", "1",
+                              "--out", str(out), *extra])
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
+    (res,) = report["results"]
+    assert "error" not in res, res
+    assert res["params"] == vs_pytorch.EXPECTED_PARAMS["resnet20"] + 9 and res["skip_weights"] == 9
+    return res
+
+
+@pytest.mark.slow
+def test_vs_pytorch_measures_the_jax_step_alone(tmp_path, capsys):
+    """Without --torch-python: the JAX contenders only, each in its own process, rounds interleaved."""
+    res = _vs_pytorch_smallest(tmp_path, "--conv-impl", "auto,xla")
+    assert set(res["contenders"]) == {"jax:auto", "jax:xla"}
+    for name, row in res["contenders"].items():
+        assert len(row["images_per_s"]) == 2 and all(v > 0 for v in row["images_per_s"])
+        assert row["peak_flops_per_s"] > 0 and row["mfu"] > 0 and row["info"]["compile_s"] > 0
+    assert res["contenders"]["jax:auto"]["ratio_vs_jax:xla"]["median"] > 0
+    out = capsys.readouterr().out
+    assert "PyTorch not measured" in out and "| resnet20 | jax:xla |" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCH_PYTHON, reason="set TORCH_PYTHON to an interpreter with torch")
+def test_vs_pytorch_against_torch(tmp_path):
+    """The PyTorch network has the JAX one's parameter count and, with the JAX parameters, its train-mode logits."""
+    res = _vs_pytorch_smallest(tmp_path, "--torch-python", TORCH_PYTHON, "--torch-modes", "eager")
+    assert set(res["contenders"]) == {"jax:auto", "torch:eager"} and res["logits_max_rel_diff"] < 1e-3
+    assert res["contenders"]["jax:auto"]["ratio_vs_torch:eager"]["median"] > 0
+
+
+@pytest.mark.skipif(not TORCH_PYTHON, reason="set TORCH_PYTHON to an interpreter with torch")
+def test_torch_networks_have_the_projects_parameter_counts():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import torch_resnets as t; "
+            "print({n: t.num_params(t.create(n, 'identity')) for n in ('paper', 'resnet18', 'resnet18_cifar', "
+            "'resnet56', 'resnet20')})")
+    out = subprocess.run([TORCH_PYTHON, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert eval(out) == vs_pytorch.EXPECTED_PARAMS  # noqa: S307 - a dict literal printed by the line above
+
+
+@pytest.mark.slow
+def test_conv_profile_times_every_pass_of_every_layer(capsys):
+    """Every distinct convolution of the network, each pass by every algorithm that applies; tuned's plan is
+    one of them, and the per-pass best is never slower than any fixed choice."""
+    report = conv_profile.main(["--model", "tiny", "--batch", "4", "--rounds", "1", "--clock", "cpu"])
+    assert len(report["rows"]) >= 3
+    for row in report["rows"]:
+        for part, algs in row["ms"].items():
+            assert row["plan"][part] in algs and "xla" in algs
+    t = report["totals_ms"]
+    assert set(t) == {"xla", "hybrid", "tuned", "best"}
+    for part in conv_profile.PARTS:
+        assert t["best"][part] <= min(t["xla"][part], t["hybrid"][part], t["tuned"][part]) + 1e-9
+    assert "network total" in capsys.readouterr().out

@@ -1,4 +1,9 @@
-"""slice_dot_conv must equal lax.conv_general_dilated (values and gradients) on ResNet layer shapes."""
+"""Every convolution implementation must equal lax.conv_general_dilated (values and gradients) on ResNet layer shapes.
+
+Tolerance: relative L2 error under 1e-5 for outputs and both gradients (the direct forms differ from XLA's
+by float32 round-off, ~1e-7; Winograd F(2x2, 3x3) by ~1e-6), 5e-5 where Winograd F(4x4, 3x3) may run
+(measured up to ~5e-6: its transforms multiply by up to 8 and divide by 6 and 24).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from adaresnet_jax.conv import CONV_IMPLS, conv_fn, default_conv_impl, hybrid_conv, slice_dot_conv
+import adaresnet_jax as ar
+from adaresnet_jax import conv as conv_lib
+from adaresnet_jax import winograd
+from adaresnet_jax.conv import CONV_IMPLS, Plan, conv_fn, default_conv_impl, hybrid_conv, slice_dot_conv, tuned_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -19,17 +27,17 @@ def _rel(a: jax.Array, b: jax.Array) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _inputs(size: int, k: int, cin: int, cout: int, seed: int = 0, dtype=jnp.float32):
-    """(2, size, size, cin) input and (k, k, cin, cout) kernel. numpy RNG: jax.random compiles slowly on CPU."""
+def _inputs(size: int, k: int, cin: int, cout: int, seed: int = 0, dtype=jnp.float32, batch: int = 2):
+    """(batch, size, size, cin) input and (k, k, cin, cout) kernel. numpy RNG: jax.random compiles slowly on CPU."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, size, size, cin), np.float32)
+    x = rng.standard_normal((batch, size, size, cin), np.float32)
     w = rng.standard_normal((k, k, cin, cout), np.float32) / np.sqrt(k * k * cin)
     return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
-def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice_dot_conv, **kw):
+def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice_dot_conv, batch=2, tol=1e-5, **kw):
     """Output and (input, kernel) vjp of `conv_impl` match lax, both jitted (one compile each)."""
-    x, w = _inputs(size, k, cin, cout)
+    x, w = _inputs(size, k, cin, cout, batch=batch)
 
     def run(conv):
         f = lambda a, b: conv(a, b, (stride, stride), padding, dimension_numbers=DN, **kw)
@@ -45,7 +53,7 @@ def _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=slice
     want, got = run(lax.conv_general_dilated), run(conv_impl)
     for g, e in zip(got, want):  # output, d/dx, d/dw
         assert g.shape == e.shape and g.dtype == e.dtype
-        assert _rel(g, e) < 1e-5
+        assert _rel(g, e) < tol
 
 
 STEM = [(s, 7, 2, p, 3, 8) for s in (32, 64) for p in ("SAME", ((3, 3), (3, 3)))]
@@ -165,8 +173,9 @@ def test_conv_fn():
     assert conv_fn("xla") is lax.conv_general_dilated
     assert conv_fn("slice_dot") is slice_dot_conv
     assert conv_fn("hybrid") is hybrid_conv
-    assert set(CONV_IMPLS) == {"xla", "slice_dot", "hybrid"}
-    with pytest.raises(ValueError, match=r"'bad'.*xla.*slice_dot.*hybrid"):
+    assert conv_fn("tuned") is tuned_conv
+    assert set(CONV_IMPLS) == {"xla", "slice_dot", "hybrid", "tuned"}
+    with pytest.raises(ValueError, match=r"'bad'.*xla.*slice_dot.*hybrid.*tuned"):
         conv_fn("bad")
 
 
@@ -181,6 +190,218 @@ def test_hybrid_picks_by_output_size_and_matches_lax(size, k, stride, big):
 
 
 def test_default_conv_impl():
-    assert default_conv_impl("cpu") == "hybrid"
+    assert default_conv_impl("cpu") == "tuned"
     assert default_conv_impl("gpu") == "xla" and default_conv_impl("tpu") == "xla"
     assert default_conv_impl() in CONV_IMPLS
+
+
+# ----------------------------------------------------------------------------- tuned: an algorithm per pass
+
+def _pads(size, k, stride, padding):
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads((size, size), (k, k), (stride, stride), padding))
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    return tuple(tuple(p) for p in padding)
+
+
+def _plan_conv(plan):
+    """A conv_general_dilated-like function running every pass by ``plan``'s algorithms."""
+    def f(a, b, strides, padding, dimension_numbers=None):
+        pads = _pads(a.shape[1], b.shape[0], strides[0], padding)
+        return conv_lib._tuned(a, b, tuple(strides), tuple(tuple(p) for p in pads), plan)
+    return f
+
+
+WINOGRAD = [(s, 3, 1, p, 8, 16) for s in (32, 16, 8, 7, 5, 4, 3, 2, 1) for p in ("SAME", ((1, 1), (1, 1)))]
+
+
+@pytest.mark.parametrize("plan", [Plan("xla", "slice_dot", "im2col", True), Plan("slice_dot", "xla", "im2col", False)])
+@pytest.mark.parametrize("size,k,stride,padding,cin,cout", STEM + CONV3 + CONV1)
+def test_every_direct_algorithm_matches_lax(size, k, stride, padding, cin, cout, plan):
+    """Both direct forward and input-gradient algorithms and the im2col kernel gradient (in chunks of up to
+    1024 positions, and whole), each pass checked on every layer geometry the named networks use; batch 3
+    (a prime: one-image chunks on 32x32 maps)."""
+    _check_values_and_grads(size, k, stride, padding, cin, cout, conv_impl=_plan_conv(plan), batch=3)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("algorithm,tol", [("winograd", 1e-5), ("winograd4", 5e-5)])
+@pytest.mark.parametrize("size,k,stride,padding,cin,cout", WINOGRAD)
+def test_winograd_matches_lax(size, k, stride, padding, cin, cout, algorithm, tol, chunked):
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3) for all three passes, on even and odd maps down to 1x1."""
+    assert conv_lib.winograd_applies((1, size, size, cin), (k, k, cin, cout), (stride, stride),
+                                     _pads(size, k, stride, padding), jnp.float32)
+    _check_values_and_grads(size, k, stride, padding, cin, cout, batch=3, tol=tol,
+                            conv_impl=_plan_conv(Plan(algorithm, algorithm, algorithm, chunked)))
+
+
+@pytest.mark.parametrize("m,bound", [(2, 2e-6), (4, 2e-5)])
+def test_winograd_round_off_against_float64(m, bound):
+    """Winograd's error against the float64 convolution, next to XLA's own float32 error (~1e-7 here):
+    F(2x2, 3x3) measured ~5e-7, F(4x4, 3x3) ~3e-6 on 8x8 maps with 256 channels."""
+    x, w = _inputs(8, 3, 256, 256, batch=4)
+    exact = np.asarray(lax.conv_general_dilated(np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1),
+                                                "SAME", dimension_numbers=DN))
+    err = lambda y: float(np.linalg.norm(np.asarray(y, np.float64) - exact) / np.linalg.norm(exact))  # noqa: E731
+    assert err(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)) < 1e-6
+    assert err(winograd.conv3x3(x, w, m)) < bound
+
+
+def test_winograd_chunks_divide_the_batch():
+    """Images per chunk: the smallest divisor of the batch with at least 256 tiles (2x2 outputs each)."""
+    assert winograd._chunk(128, 16 * 16) == 1      # 32x32 maps: 256 tiles per image
+    assert winograd._chunk(128, 8 * 8) == 4        # 16x16 maps
+    assert winograd._chunk(128, 4 * 4) == 16       # 8x8 maps
+    assert winograd._chunk(6, 8 * 8) == 6          # 3 images (192 tiles) are too few: the whole batch
+    assert winograd._chunk(7, 4 * 4) == 7          # a prime batch: everything at once
+
+
+@pytest.mark.parametrize("size,cin,cout,forward,kernel_grad", [
+    (32, 64, 64, "xla", "winograd4"),        # large map: XLA's convolution, Winograd kernel gradient
+    (16, 128, 128, "winograd4", "winograd4"),
+    (8, 256, 256, "winograd4", "winograd4"),  # 16x16 and smaller with >= 128 channels: Winograd
+    (4, 512, 512, "winograd4", "winograd4"),
+    (2, 256, 256, "winograd", "winograd"),    # 2x2: one F(2x2, 3x3) tile
+    (1, 512, 512, "slice_dot", "im2col"),     # 1x1 map: the centre tap only
+    (8, 64, 64, "xla", "winograd4"),         # few channels: XLA's convolution is as fast
+    (4, 64, 64, "slice_dot", "winograd4"),
+])
+def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad):
+    p = conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1)))
+    assert (p.forward, p.input_grad, p.kernel_grad) == (forward, forward, kernel_grad)
+    strided = conv_lib.plan((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1)))
+    assert (strided.forward, strided.kernel_grad) == ("xla", "im2col")
+    assert conv_lib.plan((2, 8, 8, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16).forward == "xla"
+
+
+def test_plan_does_not_chunk_a_batch_sharded_over_devices(monkeypatch):
+    assert conv_lib.plan((8, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))).chunked == (jax.device_count() == 1)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert not conv_lib.plan((8, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))).chunked
+
+
+def _network_layers():
+    """Every distinct convolution (input shape without batch, kernel, strides, padding) of every named network,
+    at 32x32 (how the benchmarks run them) and the ImageNet networks also at 224x224."""
+    layers = set()
+    imagenet = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    for name in ar.MODEL_NAMES:
+        for size in (32, 224) if name in imagenet else (32,):
+            model = ar.create_model(name, num_classes=10, conv_impl="xla")
+            x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+            v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+            jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(v, x)
+            for eqn in jaxpr.jaxpr.eqns:
+                if eqn.primitive.name == "conv_general_dilated":
+                    p = eqn.params
+                    layers.add((eqn.invars[0].aval.shape[1:], eqn.invars[1].aval.shape, p["window_strides"],
+                                tuple(tuple(q) for q in p["padding"])))
+    return sorted(layers)
+
+
+@pytest.mark.slow
+def test_tuned_matches_lax_on_every_layer_of_every_named_network():
+    """tuned_conv as the models call it (its plan's algorithms, real channel counts), batch 2, every layer
+    (tolerance 5e-5: F(4x4, 3x3) Winograd runs many kernel gradients)."""
+    layers = _network_layers()
+    assert len(layers) > 40
+    rng = np.random.default_rng(0)
+    for (h, w, cin), kshape, strides, pads in layers:
+        x = jnp.asarray(rng.standard_normal((2, h, w, cin), np.float32))
+        k = jnp.asarray(rng.standard_normal(kshape, np.float32) / np.sqrt(np.prod(kshape[:3])))
+
+        def run(impl):
+            f = lambda a, b: impl(a, b, strides, pads, dimension_numbers=DN)  # noqa: E731, B023
+            y = jax.eval_shape(f, x, k)
+            ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+            return jax.jit(lambda a, b, g: (lambda yv: (yv[0], *yv[1](g)))(jax.vjp(f, a, b)))(x, k, ct)
+
+        for got, want in zip(run(tuned_conv), run(lax.conv_general_dilated)):
+            assert got.shape == want.shape and _rel(got, want) < 5e-5, ((h, w, cin), kshape, strides, pads)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(rhs_dilation=(2, 2)), dict(feature_group_count=2), dict(padding=((-1, 0), (0, 0))),
+    dict(preferred_element_type=jnp.float32),
+])
+def test_tuned_falls_back_outside_its_fast_path(kw):
+    kw = dict(kw)
+    padding = kw.pop("padding", "SAME")
+    groups = kw.get("feature_group_count", 1)
+    x, _ = _inputs(6, 3, 8, 16)
+    w = _inputs(6, 3, 8 // groups, 16)[1]
+    want = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN, **kw)
+    np.testing.assert_allclose(tuned_conv(x, w, (1, 1), padding, dimension_numbers=DN, **kw), want, rtol=1e-5, atol=1e-6)
+    xn, wn = x.transpose(0, 3, 1, 2), _inputs(6, 3, 8, 16)[1].transpose(3, 2, 0, 1)
+    np.testing.assert_allclose(tuned_conv(xn, wn, (1, 1), "SAME"), lax.conv_general_dilated(xn, wn, (1, 1), "SAME"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_tuned_bf16_close_to_f32():
+    x, w = _inputs(8, 3, 8, 16)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    f = lambda a, b: tuned_conv(a, b, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    assert _rel(jax.jit(f)(xb, wb), f(x, w)) < 1e-2
+    gx, gw = jax.jit(jax.grad(lambda a, b: f(a, b).astype(jnp.float32).sum(), (0, 1)))(xb, wb)
+    rx, rw = jax.grad(lambda a, b: f(a, b).sum(), (0, 1))(x, w)
+    assert gx.dtype == gw.dtype == jnp.bfloat16 and _rel(gx, rx) < 2e-2 and _rel(gw, rw) < 2e-2
+
+
+def _train_grads(name, impls, x):
+    """All parameter gradients (one vector) of a train-mode loss of ``name`` per conv implementation."""
+    models = {i: ar.create_model(name, num_classes=10, conv_impl=i) for i in impls}
+    v = models[impls[0]].init(jax.random.key(0), x, train=False)
+
+    def grads(model):
+        def loss(params):
+            out, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.shape[-1]))
+        g = jax.jit(jax.grad(loss))(v["params"])
+        return jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
+
+    return v, models, {i: grads(m) for i, m in models.items()}
+
+
+@pytest.mark.parametrize("name", ["tiny", "resnet20", pytest.param("resnet18_cifar", marks=pytest.mark.slow)])
+def test_networks_train_the_same_with_tuned(name, image_batch):
+    """Every parameter gradient of a train-mode loss: tuned equals xla (resnet18_cifar runs Winograd in all
+    three passes of its 16x16 to 4x4 stages; the others use XLA's forward and Winograd kernel gradients)
+    as closely as slice_dot, an exact reordering of the same sums, does. Train-mode BatchNorm over 4 images
+    amplifies round-off, most in the skip weights' gradients (sums that nearly cancel on the digit images:
+    slice_dot alone is ~5e-3 off xla on resnet18_cifar, tuned ~3e-3; ~1e-5 both on random inputs), so the
+    whole gradient vector is compared, against 1e-4 or twice slice_dot's distance, whichever is larger."""
+    _, _, g = _train_grads(name, ("xla", "slice_dot", "tuned"), jnp.asarray(image_batch[0][:4]))
+    assert _rel(g["tuned"], g["xla"]) < max(1e-4, 2 * _rel(g["slice_dot"], g["xla"]))
+
+
+def test_paper_the_same_with_tuned(image_batch):
+    """The seed's network (TF 'same' padding, conv biases): inference logits equal xla's, and the train-mode
+    gradient is as close to xla's as hybrid's and slice_dot's are (~7e-4 here: its conv biases feed BatchNorm,
+    their gradients are zero up to round-off, and its 1x1 maps normalise over 8 numbers)."""
+    x = jnp.asarray(image_batch[0][:8])
+    v, models, g = _train_grads("paper", ("xla", "hybrid", "tuned"), x)
+    logits = {i: jax.jit(lambda v, m=m: m.apply(v, x, train=False))(v) for i, m in models.items()}
+    assert _rel(logits["tuned"], logits["xla"]) < 1e-4
+    assert _rel(g["tuned"], g["xla"]) <= 2 * _rel(g["hybrid"], g["xla"]) + 1e-5
+
+
+@pytest.mark.parametrize("size,padding", [(16, "SAME"), (16, ((1, 1), (1, 1))), (7, "SAME"), (7, ((1, 1), (1, 1))),
+                                          (2, "SAME"), (1, ((1, 1), (1, 1)))])
+def test_slice_max_pool_equals_flax(size, padding):
+    """Values and gradients exactly nn.max_pool's where every window has a unique maximum (random inputs)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, size, size, 5), np.float32))
+    args = ((3, 3), (2, 2), padding)
+    (want, vjp_want), (got, vjp_got) = jax.vjp(lambda a: nn.max_pool(a, *args), x), \
+        jax.vjp(lambda a: conv_lib.slice_max_pool(a, *args), x)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape, np.float32))
+    assert np.array_equal(vjp_got(ct)[0], vjp_want(ct)[0])
+    assert conv_lib.max_pool_fn("tuned") is conv_lib.slice_max_pool and conv_lib.max_pool_fn("xla") is nn.max_pool
+
+
+def test_slice_max_pool_shares_tied_gradients():
+    """All-equal windows: the gradient of each output is shared among its tied inputs, its total kept."""
+    x = jnp.zeros((1, 4, 4, 1))
+    g = jax.grad(lambda a: conv_lib.slice_max_pool(a, (3, 3), (2, 2), "SAME").sum())(x)
+    assert float(g.sum()) == pytest.approx(4.0) and float(g.min()) >= 0
