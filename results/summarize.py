@@ -86,17 +86,18 @@ def table() -> str:
     done = []
     for c in COMPARISONS:
         a, b = runs(c.sweep_a, c.variant_a), runs(c.sweep_b, c.variant_b)
-        n = min(len(a), len(b))
-        if n < 2:
+        if min(len(a), len(b)) < 2:
             continue
-        a, b = a[:n], b[:n]
+        if c.paired:  # the seeds both sides have; unpaired comparisons keep every run of each side
+            a, b = a[:min(len(a), len(b))], b[:min(len(a), len(b))]
+        n = f"{len(a)}" if len(a) == len(b) else f"{len(a)} / {len(b)}"
         test = stats.paired if c.paired else stats.welch
         res = {key: test([r[key] for r in a], [r[key] for r in b]) for key in ("final", "last_k", "train_acc")}
         done.append((c, n, a, b, res))
     adjusted = stats.holm([res["final"]["p"] for *_, res in done])
     lines = [f"{len(done)} comparisons (Holm's correction over all {len(done)}, on the final-epoch p-values). "
              "Test accuracy in %; differences B - A with 95% intervals; paired by seed unless marked Welch.", "",
-             "| comparison (A vs B) | seeds | A final | B final | B - A final [95% CI] | p | Holm p | Wilcoxon p "
+             "| comparison (A vs B) | seeds (A / B) | A final | B final | B - A final [95% CI] | p | Holm p | Wilcoxon p "
              "| seeds B>A / B<A | B - A, last 3 epochs [95% CI] | B - A, train acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (c, n, a, b, res), p_holm in zip(done, adjusted):
