@@ -51,26 +51,39 @@ depth_digits() {  # (c) depth: He's ResNet-20, 56 and 110 at width 8 on the digi
 paper_5k() {  # Part 1: the seed's experiment (preset paper, exactly the seed's network and recipe) on 5,000 images
   $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-5k --title "seed setup, 5k" \
       --dataset cifar10 --data-dir "$data" --max-train 5000
-  $conv --preset paper --skips identity --seeds 3 --out $runs/paper-5k-resnet50keras --title "seed baseline, 5k" \
+  $conv --preset paper --skips identity --seeds 2 --out $runs/paper-5k-resnet50keras --title "seed baseline, 5k" \
       --dataset cifar10 --data-dir "$data" --max-train 5000 --model resnet50_keras
 }
 
-long_cifar() {  # (e) a longer schedule: 50 epochs on the 5,000-image subset: do the weights keep moving?
+long_digits() {  # (e) a longer schedule on the digits: 60 epochs (cosine over all 60): do the weights keep moving?
+  $conv --preset quick --seeds 3 --out $runs/digits-60ep --title "digits, 60 epochs" --epochs 60 \
+      --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+}
+
+long_cifar() {  # (e) a longer schedule: 50 epochs on the 5,000-image subset (not run yet: about 15 min a run here)
   $conv --preset cifar --seeds 2 --out $runs/cifar-r20-5k-50ep --title "50 epochs, CIFAR-10 5k" --model resnet20 \
       "${c5k[@]}" --epochs 50 --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
-depth_cifar() {  # (c) depth on CIFAR-10: ResNet-56 at width 8, 5,000 images, every rule (ResNet-20 in this
-  # setting is cifar_r20's two sweeps: same flags and seeds, so paired across them)
-  for m in resnet56; do
+depth_cifar() {  # (c) depth on CIFAR-10: ResNet-56 at width 8, 5,000 images, identity and learned, 2 seeds (ResNet-20
+  # in this setting is cifar_r20's two sweeps: same flags and seeds, so paired across them)
+  $conv --preset cifar --seeds 2 --out $runs/depth-cifar-resnet56 --title "depth, CIFAR-10 5k, resnet56" --model resnet56 \
+      "${c5k[@]}" --variants "identity=--skip identity;learned=--skip learned"
+}
+
+depth_cifar_more() {  # not run yet (7-15 min a ResNet-56 run here): the other two rules, a third seed, and ResNet-110
+  for m in resnet56 resnet110; do
     $conv --preset cifar --seeds 3 --out $runs/depth-cifar-$m --title "depth, CIFAR-10 5k, $m" --model $m \
         "${c5k[@]}" --variants "$four"
   done
 }
 
-paper_full() {  # (a) the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs
-  $conv --preset paper --skips identity,learned --seeds 1 --out $runs/paper-full --title "seed setup, full data" \
+paper_full() {  # (a) the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs (not run yet:
+  # about 16 min a paper seed and 45-85 min a resnet50_keras seed on 2 CPU cores; results/gpu_science.sh on a GPU)
+  $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-full --title "seed setup, full data" \
       --dataset cifar10 --data-dir "$data"
+  $conv --preset paper --skips identity --seeds 3 --out $runs/paper-full-resnet50keras --title "seed baseline, full data" \
+      --dataset cifar10 --data-dir "$data" --model resnet50_keras
 }
 
 collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics; no checkpoints) into results/
@@ -86,8 +99,8 @@ collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics;
 }
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_cifar
-                                       depth_cifar paper_full collect)
+[ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
+                                       long_cifar depth_cifar paper_full collect)
 for s in "${sections[@]}"; do
   echo "=== $s ($(date -u +%FT%TZ))"
   "$s"
