@@ -267,12 +267,7 @@ def kernel_grad(algorithm: str, x: jax.Array, w_shape: Sequence[int], dy: jax.Ar
         return lax.dot_general(f32(dc), f32(patch), (((0, 1, 2), (0, 1, 2)), ((), ())))
 
     chunk = _largest_divisor(n, IM2COL_CHUNK_ROWS // (oh * ow)) if chunked else n
-    if chunk == n:
-        g = part(x, dy)
-    else:
-        split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])  # noqa: E731
-        g, _ = lax.scan(lambda acc, a: (acc + part(*a), None), jnp.zeros((k, len(rows) * len(cols) * c), jnp.float32),
-                        (split(x), split(dy)))
+    g = winograd.sum_over_chunks(part, chunk, x, dy)
     live = g.T.reshape(len(rows), len(cols), c, k).astype(x.dtype)
     return jnp.zeros(w_shape, x.dtype).at[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].set(live)
 

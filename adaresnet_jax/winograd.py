@@ -91,6 +91,17 @@ def _over_chunks(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -
     return out.reshape(n, *out.shape[2:])
 
 
+def sum_over_chunks(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -> jax.Array:
+    """The sum of ``fn`` over batch chunks of ``arrays`` (one ``lax.scan``; one call when ``chunk`` is the batch)."""
+    n = arrays[0].shape[0]
+    if chunk == n:
+        return fn(*arrays)
+    parts = tuple(a.reshape(n // chunk, chunk, *a.shape[1:]) for a in arrays)
+    out = jax.eval_shape(fn, *(p[0] for p in parts))
+    total, _ = lax.scan(lambda acc, a: (acc + fn(*a), None), jnp.zeros(out.shape, out.dtype), parts)
+    return total
+
+
 def _tiles(x: jax.Array, m: int) -> int:
     return -(-max(x.shape[1:3]) // m)
 
@@ -127,7 +138,7 @@ def conv3x3_input_grad(w: jax.Array, dy: jax.Array, m: int = 2, chunked: bool = 
 def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, m: int = 2, chunked: bool = True) -> jax.Array:
     """d(conv3x3(x, w))/dw applied to ``dy``: (3, 3, c, k), summed over the batch chunk by chunk."""
     n, h, w, c = x.shape
-    k, a, tiles = dy.shape[-1], m + 2, _tiles(x, m)
+    k, tiles = dy.shape[-1], _tiles(x, m)
     xp = _padded(x, tiles, m)
     dyp = jnp.pad(dy, ((0, 0), (0, m * tiles - h), (0, m * tiles - w), (0, 0)))
 
@@ -135,12 +146,6 @@ def conv3x3_kernel_grad(x: jax.Array, dy: jax.Array, m: int = 2, chunked: bool =
         v, dm = _input_transform(xc, tiles, m), _output_transform_t(dc, tiles, m)
         return lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))
 
-    chunk = _chunk(n, tiles * tiles) if chunked else n
-    if chunk == n:
-        du = part(xp, dyp)
-    else:
-        split = lambda z: z.reshape(n // chunk, chunk, *z.shape[1:])  # noqa: E731
-        du, _ = lax.scan(lambda acc, z: (acc + part(*z), None), jnp.zeros((a * a, c, k), x.dtype),
-                         (split(xp), split(dyp)))
+    du = sum_over_chunks(part, _chunk(n, tiles * tiles) if chunked else n, xp, dyp)
     g = MATRICES[m][1]
     return _apply(np.kron(g, g).T, du).reshape(3, 3, c, k)
