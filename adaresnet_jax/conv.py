@@ -330,22 +330,70 @@ def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
                    padding: str | Sequence[tuple[int, int]]) -> jax.Array:
     """``flax.linen.max_pool`` on an NHWC batch as the maximum of one strided slice per window tap.
 
-    The same values as ``nn.max_pool`` (padding never wins: it is ``-inf``). The gradient differs only
-    where a window's maximum is not unique: ``nn.max_pool``'s ``select_and_scatter`` gives it all to one
-    input, this one shares it between the tied inputs (``jnp.maximum``'s rule). After a ReLU, ties are
-    zeros whose own gradient is zero, so a network's gradients are the same. On CPU its forward and
-    backward take a fifth of the time of XLA's ``reduce_window`` / ``select_and_scatter`` (3x3/2 on the
-    16x16x64 maps of the ImageNet stem at 32x32, batch 128: ~10 against ~57 CPU-ms).
+    The same values and the same gradient as ``nn.max_pool``, ties included: each output's gradient goes
+    to the first maximum of its window in row-major order, as XLA's ``select_and_scatter`` gives it
+    (padding never wins: it is ``-inf``). The forward pass records that tap's index (int8) and the
+    backward pass adds one masked, strided copy of the gradient per tap, a ``jax.custom_vjp``: autodiff
+    through the chain of maxima re-derives every comparison for every tap, and XLA's fusion of that on
+    CPU can cost 5x as much. On CPU its forward and backward take a fifth of the time of XLA's
+    ``reduce_window`` / ``select_and_scatter`` (3x3/2 on the 16x16x64 maps of the ImageNet stem at 32x32,
+    batch 128).
     """
     n, h, w, c = x.shape
-    (kh, kw), (sh, sw) = window, strides
+    (kh, kw), (sh, sw) = tuple(window), tuple(strides)
     pads = lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding) if isinstance(padding, str) else padding
-    (top, bottom), (left, right) = pads
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _max_pool(x, (kh, kw), (sh, sw), pads)
+
+
+def _pool_taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> list[jax.Array]:
+    """One strided slice of the ``-inf``-padded input per window tap, taps in row-major order."""
+    n, h, w, c = x.shape
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
     oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
     xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    taps = [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+    return [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
-    return functools.reduce(jnp.maximum, taps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> jax.Array:
+    return functools.reduce(jnp.maximum, _pool_taps(x, window, strides, pads))
+
+
+def _max_pool_fwd(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                  pads: Pads) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    taps = _pool_taps(x, window, strides, pads)
+    y = functools.reduce(jnp.maximum, taps)
+    first = jnp.zeros(y.shape, jnp.int8)  # the first tap equal to the maximum, found from the last tap down
+    for i in range(len(taps) - 1, 0, -1):
+        first = jnp.where(taps[i] == y, jnp.int8(i), first)
+    first = jnp.where(taps[0] == y, jnp.int8(0), first)
+    return y, (first, jnp.zeros((0,) + x.shape[1:], x.dtype))  # the empty array carries x's shape and dtype
+
+
+def _max_pool_bwd(window: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                  res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    first, like = res
+    # computed once each: left to itself, XLA fuses both into the sum below and redoes them for every tap
+    first, g = lax.optimization_barrier((first, g))
+    h, w = like.shape[1:3]
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
+    oh, ow = g.shape[1:3]
+    hp, wp = h + top + bottom, w + left + right
+    zero = jnp.zeros((), g.dtype)
+    dxp = None
+    for i in range(kh):
+        for j in range(kw):
+            part = jnp.where(first == i * kw + j, g, zero)
+            # the transpose of the tap's strided slice: its values back at rows i, i + sh, ... of the padded input
+            part = lax.pad(part, zero, ((0, 0, 0), (i, hp - i - (oh - 1) * sh - 1, sh - 1),
+                                        (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+            dxp = part if dxp is None else dxp + part
+    return (dxp[:, top:top + h, left:left + w],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool_fn(impl: str) -> Callable[..., jax.Array]:
