@@ -254,6 +254,7 @@ class ResNet(nn.Module):
             per_channel=self.skip_per_channel, param_dtype=self.param_dtype)
         for i, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides)):
             for j in range(size):
+                x = conv_lib.block_input(x, impl)
                 x = self.block_cls(
                     filters=self.num_filters * 2**i, strides=stride if j == 0 else 1, conv=conv,
                     norm=norm, act=self.act, make_skip=make_skip, shortcut=self.shortcut,

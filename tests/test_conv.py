@@ -236,6 +236,29 @@ def test_winograd_matches_lax(size, k, stride, padding, cin, cout, algorithm, to
                             conv_impl=_plan_conv(Plan(algorithm, algorithm, algorithm, chunked)))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("size,k,stride,padding,cin,cout", WINOGRAD + [(32, 3, 1, "SAME", 3, 16), (16, 3, 1, ((1, 1), (1, 1)), 32, 32)])
+def test_shifted_kernel_grad_matches_lax(size, k, stride, padding, cin, cout, chunked, chunk_bytes, monkeypatch):
+    """The "shifted" kernel gradient (three column shifts of x against three row shifts of dy, one product)
+    on even and odd maps down to 1x1, as one batch and (chunk_bytes=1) one image per chunk."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(conv_lib, "SHIFTED_CHUNK_BYTES", chunk_bytes)
+    _check_values_and_grads(size, k, stride, padding, cin, cout, batch=3,
+                            conv_impl=_plan_conv(Plan("xla", "xla", "shifted", chunked)))
+
+
+def test_shifted_kernel_grad_chunks_divide_the_batch(monkeypatch):
+    """Images per chunk: the largest divisor of the batch whose two stacks fit in SHIFTED_CHUNK_BYTES."""
+    x = jnp.zeros((12, 8, 8, 4))
+    per_image = (8 + 2) * 8 * 3 * (4 + 4) * 4  # (h + 2) x w positions, 3 (c + k) float32 values each
+    jaxpr = lambda **kw: str(jax.make_jaxpr(lambda a: conv_lib.shifted_kernel_grad(a, a, **kw))(x))  # noqa: E731
+    monkeypatch.setattr(conv_lib, "SHIFTED_CHUNK_BYTES", 5 * per_image)
+    assert "length=3" in jaxpr()  # 5 images fit, 4 divide 12: 3 chunks
+    monkeypatch.setattr(conv_lib, "SHIFTED_CHUNK_BYTES", 12 * per_image)
+    assert "scan" not in jaxpr() and "scan" not in jaxpr(chunked=False)  # the whole batch at once
+
+
 @pytest.mark.parametrize("m,bound", [(2, 2e-6), (4, 2e-5)])
 def test_winograd_round_off_against_float64(m, bound):
     """Winograd's error against the float64 convolution, next to XLA's own float32 error (~1e-7 here):
@@ -266,10 +289,19 @@ def test_winograd_chunks_divide_the_batch():
     (1, 512, 512, "slice_dot", "im2col"),     # 1x1 map: the centre tap only
     (8, 64, 64, "xla", "winograd4"),         # few channels: XLA's convolution is as fast
     (4, 64, 64, "slice_dot", "winograd4"),
+    (32, 16, 16, "xla", "shifted"),           # at most 32 channels on 16x16 and larger maps: shifted
+    (32, 3, 16, "xla", "shifted"),            # (the CIFAR stem)
+    (16, 32, 32, "xla", "shifted"),
+    (8, 32, 32, "xla", "winograd4"),          # 8x8: the two extra rows cost 25%
 ])
-def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad):
+def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad, monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     p = conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1)))
     assert (p.forward, p.input_grad, p.kernel_grad) == (forward, forward, kernel_grad)
+    if kernel_grad == "shifted":  # a batch sharded over devices is not chunked, and unchunked Winograd is faster
+        monkeypatch.setattr(jax, "device_count", lambda: 8)
+        assert conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1))).kernel_grad \
+            == "winograd4"
     strided = conv_lib.plan((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1)))
     assert (strided.forward, strided.kernel_grad) == ("xla", "im2col")
     assert conv_lib.plan((2, 8, 8, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16).forward == "xla"
@@ -403,6 +435,18 @@ def test_slice_max_pool_equals_flax(size, padding, ties):
     assert np.array_equal(g_got != 0, g_want != 0)  # the same inputs receive gradient
     np.testing.assert_allclose(g_got, g_want, rtol=0, atol=1e-6 * np.abs(g_want).max())
     assert conv_lib.max_pool_fn("tuned") is conv_lib.slice_max_pool and conv_lib.max_pool_fn("xla") is nn.max_pool
+
+
+def test_block_input_is_a_barrier_only_under_tuned():
+    """Under tuned each block's input is an optimization_barrier (XLA keeps the one buffer instead of
+    recomputing it through the skip adds of every earlier block); other implementations see no change."""
+    x, images = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 32, 32, 3))
+    model = lambda impl: ar.create_model("resnet20", num_classes=10, conv_impl=impl)  # noqa: E731
+    v = jax.eval_shape(lambda: model("xla").init(jax.random.key(0), images, train=False))
+    count = lambda impl: str(jax.make_jaxpr(  # noqa: E731
+        lambda v: model(impl).apply(v, images, train=False))(v)).count("optimization_barrier")
+    assert count("tuned") >= 9 and count("xla") == count("hybrid") == 0  # resnet20: 9 blocks
+    assert conv_lib.block_input(x, "xla") is x
 
 
 def test_slice_max_pool_tied_window_gives_all_to_first():
