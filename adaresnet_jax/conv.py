@@ -15,7 +15,9 @@ implementation by name with :func:`conv_fn`.
 convolution (forward, input gradient, kernel gradient) with the algorithm measured fastest for its
 shape on CPU (:func:`plan`): XLA's convolution, slice-and-dot, Winograd F(2x2, 3x3) or F(4x4, 3x3)
 (:mod:`adaresnet_jax.winograd`), or, for the kernel gradient, im2col products over cache-sized batch
-chunks. XLA's own kernel gradient is the slow part of a CPU train step (2-5x its forward pass).
+chunks or the "shifted" product of few-channel 3x3 layers (:func:`shifted_kernel_grad`). XLA's own
+kernel gradient is the slow part of a CPU train step (2-5x its forward pass). :func:`slice_max_pool`
+and :func:`block_input` go with it: the network's other two CPU-specific pieces under ``"tuned"``.
 """
 
 from __future__ import annotations
@@ -338,8 +340,11 @@ def _tuned_bwd(strides: tuple[int, int], pads: Pads, p: Plan, res: tuple[jax.Arr
     # each of them (BatchNorm, the skip add, ReLU, several blocks deep) inside the kernel gradient's
     # reshape for its chunks, on every use
     dy = lax.optimization_barrier(dy)
-    return (input_grad(p.input_grad, x, w, dy, strides, pads, p.chunked),
-            kernel_grad(p.kernel_grad, x, w.shape, dy, strides, pads, p.chunked))
+    with jax.named_scope("input_grad"):  # named in the HLO, so a profile can tell the passes apart
+        dx = input_grad(p.input_grad, x, w, dy, strides, pads, p.chunked)
+    with jax.named_scope("kernel_grad"):
+        dw = kernel_grad(p.kernel_grad, x, w.shape, dy, strides, pads, p.chunked)
+    return dx, dw
 
 
 _tuned.defvjp(_tuned_fwd, _tuned_bwd)

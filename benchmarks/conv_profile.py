@@ -71,6 +71,8 @@ def applicable(part: str, algorithm: str, layer: Layer) -> bool:
     xs, ws, strides, pads = layer
     if algorithm.startswith("winograd"):
         return conv.winograd_applies(xs, ws, strides, pads, jnp.float32) and xs[1] * xs[2] >= 4
+    if algorithm == "shifted":  # stride-1 3x3 with one pixel of padding, any map
+        return conv.winograd_applies(xs, ws, strides, pads, jnp.float32)
     return True
 
 

@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32, help="square input size (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--conv-impl", default="auto",
-                   help="auto (hybrid on CPU, xla elsewhere), xla, slice_dot, hybrid, or a comma-separated "
+                   help="auto (tuned on CPU, xla elsewhere), xla, slice_dot, hybrid, tuned, or a comma-separated "
                    "list to compare them; the first is the baseline of the conv ratios (default: %(default)s)")
     p.add_argument("--devices", type=int, default=None, help="data-parallel over this many local devices (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 5)")

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import conv_profile  # noqa: E402
 import convergence  # noqa: E402
 import stats  # noqa: E402
+import step_profile  # noqa: E402
 import throughput  # noqa: E402
 import vs_pytorch  # noqa: E402
 
@@ -248,3 +249,35 @@ def test_conv_profile_times_every_pass_of_every_layer(capsys):
     for part in conv_profile.PARTS:
         assert t["best"][part] <= min(t["xla"][part], t["hybrid"][part], t["tuned"][part]) + 1e-9
     assert "network total" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("op,want", [
+    ("jit(f)/jvp(ResNet)/stage1_block1/Conv_0/conv_general_dilated", "conv forward"),
+    ("jit(f)/jvp(ResNet)/stem_conv/conv_general_dilated", "conv forward"),
+    ("jit(f)/transpose(jvp(ResNet))/stage1_block1/Conv_1/kernel_grad/while/body/dot_general", "conv kernel gradient"),
+    ("jit(f)/transpose(jvp(ResNet))/stage1_block1/Conv_1/input_grad/conv_general_dilated", "conv input gradient"),
+    ("jit(f)/transpose(jvp(ResNet))/stage1_block1/Conv_1/transpose(jvp())/conv_general_dilated",
+     "conv backward (both)"),
+    ("jit(f)/jvp(ResNet)/stage2_block3/BatchNorm_1/sub", "BatchNorm forward"),
+    ("jit(f)/transpose(jvp(ResNet))/stem_bn/reduce_sum", "BatchNorm backward"),
+    ("jit(f)/jvp(ResNet)/stage1_block1/stage1_block1.combine/jit(relu)/max", "ReLU, pooling, skip: forward"),
+    ("jit(f)/transpose(jvp(ResNet))/stage1_block1/stage1_block1.combine/skip/reduce_sum",
+     "ReLU, pooling, skip: backward"),
+    ("jit(f)/optax/sgd/mul", "other"), ("", "other"),
+])
+def test_step_profile_groups_operations_by_part(op, want):
+    assert step_profile.group(op) == want
+
+
+def test_step_profile_smallest_run(tmp_path, capsys):
+    """The trace of a tiny network's step: every group present, the tuned backward's halves told apart."""
+    out = tmp_path / "p.json"
+    r = step_profile.main(["--model", "tiny", "--batch", "8", "--steps", "1", "--conv-impl", "tuned",
+                           "--out", str(out)])
+    g = r["groups_ms"]
+    assert set(g) == set(step_profile.GROUPS) and r["wall_ms_per_step"] > 0
+    for part in ("conv forward", "conv input gradient", "conv kernel gradient", "BatchNorm forward", "other"):
+        assert g[part] > 0, part
+    assert g["conv backward (both)"] == 0  # tuned names both halves of its backward pass
+    assert json.loads(out.read_text())["model"] == "tiny"
+    assert "| conv kernel gradient |" in capsys.readouterr().out
