@@ -278,6 +278,7 @@ def test_step_profile_smallest_run(tmp_path, capsys):
     assert set(g) == set(step_profile.GROUPS) and r["wall_ms_per_step"] > 0
     for part in ("conv forward", "conv input gradient", "conv kernel gradient", "BatchNorm forward", "other"):
         assert g[part] > 0, part
-    assert g["conv backward (both)"] == 0  # tuned names both halves of its backward pass
+    # tuned names both halves of its backward pass: left unnamed are only the adds of gradient contributions
+    assert g["conv backward (both)"] < 0.2 * (g["conv input gradient"] + g["conv kernel gradient"])
     assert json.loads(out.read_text())["model"] == "tiny"
     assert "| conv kernel gradient |" in capsys.readouterr().out
