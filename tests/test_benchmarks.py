@@ -282,3 +282,16 @@ def test_step_profile_smallest_run(tmp_path, capsys):
     assert g["conv backward (both)"] < 0.2 * (g["conv input gradient"] + g["conv kernel gradient"])
     assert json.loads(out.read_text())["model"] == "tiny"
     assert "| conv kernel gradient |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not TORCH_PYTHON, reason="set TORCH_PYTHON to an interpreter with torch")
+def test_torch_conv_layers_times_three_passes_in_both_layouts(tmp_path):
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "torch_conv_layers.py")
+    out = tmp_path / "t.json"
+    subprocess.run([TORCH_PYTHON, script, "--layers", "8x8x4->8/1,8x8x4->8/2", "--batch", "2", "--rounds", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    layers = json.loads(out.read_text())["layers"]
+    assert set(layers) == {"8x8x4->8/1", "8x8x4->8/2"}
+    assert all(len(v) == 6 and all(t[0] > 0 for t in v.values()) for v in layers.values())
+    bad = subprocess.run([TORCH_PYTHON, script, "--layers", "8x8"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "write HxWxC->K/S" in bad.stderr
