@@ -220,7 +220,7 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
         direct = winograd_m
     else:
         direct = "slice_dot" if positions <= HYBRID_MAX_POSITIONS else "xla"
-    chunked = jax.device_count() == 1
+    chunked = _single_device()
     if wino and chunked and positions >= SHIFTED_MIN_POSITIONS and max(cin, cout) <= SHIFTED_MAX_CHANNELS:
         kernel = "shifted"
     else:
@@ -329,7 +329,8 @@ def _tuned(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, p: 
 
 def _tuned_fwd(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
                p: Plan) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    x = lax.optimization_barrier(x)  # see _tuned_bwd
+    if p.chunked:  # single device: see _tuned_bwd
+        x = lax.optimization_barrier(x)
     return _tuned(x, w, strides, pads, p), (x, w)
 
 
@@ -338,8 +339,9 @@ def _tuned_bwd(strides: tuple[int, int], pads: Pads, p: Plan, res: tuple[jax.Arr
     x, w = res
     # x and dy as the buffers they are: left to itself, XLA recomputes the elementwise chain that makes
     # each of them (BatchNorm, the skip add, ReLU, several blocks deep) inside the kernel gradient's
-    # reshape for its chunks, on every use
-    dy = lax.optimization_barrier(dy)
+    # reshape for its chunks, on every use (single device only, as block_input)
+    if p.chunked:
+        dy = lax.optimization_barrier(dy)
     with jax.named_scope("input_grad"):  # named in the HLO, so a profile can tell the passes apart
         dx = input_grad(p.input_grad, x, w, dy, strides, pads, p.chunked)
     with jax.named_scope("kernel_grad"):
@@ -426,7 +428,9 @@ def _max_pool_bwd(window: tuple[int, int], strides: tuple[int, int], pads: Pads,
                   res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
     first, like = res
     # computed once each: left to itself, XLA fuses both into the sum below and redoes them for every tap
-    first, g = lax.optimization_barrier((first, g))
+    # (single device only, as block_input)
+    if _single_device():
+        first, g = lax.optimization_barrier((first, g))
     h, w = like.shape[1:3]
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
     oh, ow = g.shape[1:3]
@@ -447,12 +451,19 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def block_input(x: jax.Array, impl: str) -> jax.Array:
-    """A residual block's input, for the convolution implementation ``impl``: under ``"tuned"`` an
-    ``optimization_barrier``, so that XLA keeps it as the one buffer it has to be anyway (the block's
-    first convolution reads it). Otherwise XLA on CPU recomputes it wherever the skip path or a ReLU's
-    gradient needs it, and that recomputation recurses through the skip adds of every block before:
-    on resnet56 some of its fusions read a dozen feature maps to write one. Other implementations: ``x``."""
-    return lax.optimization_barrier(x) if impl == "tuned" else x
+    """A residual block's input, for the convolution implementation ``impl``: under ``"tuned"`` on a single
+    device an ``optimization_barrier``, so that XLA keeps it as the one buffer it has to be anyway (the
+    block's first convolution reads it). Otherwise XLA on CPU recomputes it wherever the skip path or a
+    ReLU's gradient needs it, and that recomputation recurses through the skip adds of every block before:
+    on resnet56 some of its fusions read a dozen feature maps to write one. Not over several devices:
+    there the barrier changed how XLA partitions the step (a 2-process run stopped matching the 4-device
+    one to 1e-5, tests/test_faults.py). Other implementations: ``x``."""
+    return lax.optimization_barrier(x) if impl == "tuned" and _single_device() else x
+
+
+def _single_device() -> bool:
+    """Whether the step runs on one device: the CPU-specific rewrites (chunks, barriers) are for that case."""
+    return jax.device_count() == 1
 
 
 def max_pool_fn(impl: str) -> Callable[..., jax.Array]:
