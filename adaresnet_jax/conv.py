@@ -204,8 +204,8 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
       XLA's time at 16x16, half or less at 8x8 and under); slice-and-dot for outputs of at most
       HYBRID_MAX_POSITIONS positions; XLA's convolution otherwise (large maps, and few channels);
     - kernel gradient: for stride-1 3x3 layers on maps of 16x16 and more with at most SHIFTED_MAX_CHANNELS
-      channels in and out, the "shifted" product (``shifted_kernel_grad``, 1.3-1.7x faster than Winograd
-      there); Winograd for every other stride-1 3x3 layer on a map of 2x2 or more (F(4x4, 3x3) from 4x4
+      channels in and out, the "shifted" product (``shifted_kernel_grad``, 1.1-1.5x faster than Winograd
+      there on resnet56's layers); Winograd for every other stride-1 3x3 layer on a map of 2x2 or more (F(4x4, 3x3) from 4x4
       up), chunked im2col products for every other layer (XLA's own kernel gradient takes 2-5x as long).
 
     Chunks (cache-sized ``lax.scan``) only on a single device: a scan over a batch that is sharded over
@@ -384,7 +384,7 @@ def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
 
     The same values and the same gradient as ``nn.max_pool``, ties included: each output's gradient goes
     to the first maximum of its window in row-major order, as XLA's ``select_and_scatter`` gives it
-    (padding never wins: it is ``-inf``). The forward pass records that tap's index (int8) and the
+    (padding never wins: it is ``-inf``). The forward pass records that tap's index (int8 up to 127 taps) and the
     backward pass adds one masked, strided copy of the gradient per tap, a ``jax.custom_vjp``: autodiff
     through the chain of maxima re-derives every comparison for every tap, and XLA's fusion of that on
     CPU can cost 5x as much. On CPU its forward and backward take a fifth of the time of XLA's
@@ -417,10 +417,10 @@ def _max_pool_fwd(x: jax.Array, window: tuple[int, int], strides: tuple[int, int
                   pads: Pads) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     taps = _pool_taps(x, window, strides, pads)
     y = functools.reduce(jnp.maximum, taps)
-    first = jnp.zeros(y.shape, jnp.int8)  # the first tap equal to the maximum, found from the last tap down
-    for i in range(len(taps) - 1, 0, -1):
-        first = jnp.where(taps[i] == y, jnp.int8(i), first)
-    first = jnp.where(taps[0] == y, jnp.int8(0), first)
+    index = jnp.int8 if len(taps) <= 127 else jnp.int32
+    first = jnp.zeros(y.shape, index)  # the first tap equal to the maximum, found from the last tap down
+    for i in range(len(taps) - 1, -1, -1):
+        first = jnp.where(taps[i] == y, index(i), first)
     return y, (first, jnp.zeros((0,) + x.shape[1:], x.dtype))  # the empty array carries x's shape and dtype
 
 
