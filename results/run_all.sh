@@ -65,13 +65,14 @@ long_cifar() {  # (e) a longer schedule: 50 epochs on the 5,000-image subset (no
       "${c5k[@]}" --epochs 50 --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
-depth_cifar() {  # (c) depth on CIFAR-10: ResNet-56 at width 8, 5,000 images, identity and learned, 2 seeds (ResNet-20
-  # in this setting is cifar_r20's two sweeps: same flags and seeds, so paired across them)
+depth_cifar() {  # (c) depth on CIFAR-10: ResNet-56 at width 8, 5,000 images, the four rules, 2 seeds (ResNet-20
+  # in this setting is cifar_r20's two sweeps: same flags and seeds, so paired across them). identity and learned
+  # ran with the `tuned` of commit 5060110; learned-w1 and rezero later, with that of 5c9e4c0 (RESULTS.md, part 4)
   $conv --preset cifar --seeds 2 --out $runs/depth-cifar-resnet56 --title "depth, CIFAR-10 5k, resnet56" --model resnet56 \
-      "${c5k[@]}" --variants "identity=--skip identity;learned=--skip learned"
+      "${c5k[@]}" --variants "$four"
 }
 
-depth_cifar_more() {  # not run yet (7-15 min a ResNet-56 run here): the other two rules, a third seed, and ResNet-110
+depth_cifar_more() {  # not run yet (about 8 min a ResNet-56 run here): a third seed, and ResNet-110
   for m in resnet56 resnet110; do
     $conv --preset cifar --seeds 3 --out $runs/depth-cifar-$m --title "depth, CIFAR-10 5k, $m" --model $m \
         "${c5k[@]}" --variants "$four"
