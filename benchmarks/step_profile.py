@@ -96,14 +96,14 @@ def profile(model: str, skip: str, conv_impl: str, batch: int, steps: int, prese
                                re.M))
     throughput.time_train(c, 2)  # warm up
     events, wall = trace(c, steps)
-    groups: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
     for e in top_level(events):
         name = e["args"]["hlo_op"]
         op = op_names.get(name, "")
-        ms = e["dur"] / 1000 / steps  # trace times are in microseconds
-        groups[group(op)] += ms
-        ops[(group(op), re.sub(r"^jit\([^)]*\)/", "", op) or name)] += ms
+        ops[(group(op), re.sub(r"^jit\([^)]*\)/", "", op) or name)] += e["dur"] / 1000 / steps  # trace times: µs
+    groups: collections.Counter = collections.Counter()
+    for (g, _), ms in ops.items():
+        groups[g] += ms
     return dict(model=model, skip=skip, conv_impl=conv_impl, batch=batch, steps=steps,
                 wall_ms_per_step=1000 * wall / steps, images_per_s=batch * steps / wall,
                 groups_ms={g: groups[g] for g in GROUPS}, ops_ms=[(g, op, ms) for (g, op), ms in ops.most_common()])
