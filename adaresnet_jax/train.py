@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -44,7 +43,9 @@ from adaresnet_jax.data.streaming import StreamingData, inspect
 from adaresnet_jax.inputs import ResidentInput, StreamingEvaluator, StreamingInput, open_data
 from adaresnet_jax.metrics import RunLog, skip_values
 from adaresnet_jax.models import create_model, skip_weights
+from adaresnet_jax.conv import default_conv_impl
 from adaresnet_jax.optim import decay_mask, make_optimizer, make_schedule, skip_mask  # noqa: F401 (re-exported)
+from adaresnet_jax.provenance import provenance, versions
 from adaresnet_jax.steps import (  # noqa: F401 (re-exported)
     Evaluator, State, TrainStep, abstract_state, create_state, make_epoch_permutation, make_epoch_tail,
     make_eval_step, make_mesh, make_train_step, replicate, shard_batch)
@@ -86,18 +87,6 @@ def _prepare_workdir(workdir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"workdir '{workdir}' is not writable ({e.strerror or e}): pass a writable --workdir") from None
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _load(cfg: Config) -> tuple[Dataset | StreamingData, tuple[str, ...] | None]:
@@ -454,7 +443,8 @@ def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: fl
         "normalization": {"mean": list(c.mean), "std": list(c.std)},
         "devices": {"count": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
                     "kind": devices[0].device_kind},
-        "versions": _versions(), "config": dataclasses.asdict(c.cfg),
+        "versions": versions(), "config": dataclasses.asdict(c.cfg),
+        "provenance": provenance(conv_impl=default_conv_impl() if c.cfg.conv_impl == "auto" else c.cfg.conv_impl),
     }
 
 

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {
             "command": " ".join(["input_pipeline.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **machine(),
-            "versions": {**train_lib._versions(), "pillow": __import__("PIL").__version__,
+            "versions": {**train_lib.versions(), "pillow": __import__("PIL").__version__,
                          "grain": __import__("importlib.metadata").metadata.version("grain")},
             "device": jax.devices()[0].device_kind, "flags": vars(a)}
         report["per_core"] = per_core(sd, a.image_size)

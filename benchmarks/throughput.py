@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         backend=backend, device_kind=dev.device_kind, devices=a.devices, host=platform.node(),
         cpu=platform.processor() or platform.machine(), python=platform.python_version(),
-        versions=train_lib._versions(), flags={k: v for k, v in vars(a).items()},
+        versions=train_lib.versions(), flags={k: v for k, v in vars(a).items()},
         peak_flops_per_s=peak, results=[])
     base = a.skips[0]
     for name in a.models:

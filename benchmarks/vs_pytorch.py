@@ -90,7 +90,7 @@ def serve_jax(a: argparse.Namespace) -> None:
     params = flatten_dict(jax.device_get(state["params"]), sep="/")
     _reply(out, {"ready": True, "params": int(sum(v.size for v in params.values())), "compile_s": compile_s,
                  "flops_per_image": model_flops(model, (32, 32, 3)), "conv_impl": a.conv_impl,
-                 "versions": train_lib._versions(), "device": jax.devices()[0].device_kind})
+                 "versions": train_lib.versions(), "device": jax.devices()[0].device_kind})
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "train":

@@ -208,7 +208,7 @@ def test_vs_pytorch_measures_the_jax_step_alone(tmp_path, capsys):
     """Without --torch-python: the JAX contenders only, each in its own process, rounds interleaved."""
     res = _vs_pytorch_smallest(tmp_path, "--conv-impl", "auto,xla")
     assert set(res["contenders"]) == {"jax:auto", "jax:xla"}
-    for name, row in res["contenders"].items():
+    for row in res["contenders"].values():
         assert len(row["images_per_s"]) == 2 and all(v > 0 for v in row["images_per_s"])
         assert row["peak_flops_per_s"] > 0 and row["mfu"] > 0 and row["info"]["compile_s"] > 0
     assert res["contenders"]["jax:auto"]["ratio_vs_jax:xla"]["median"] > 0

@@ -20,7 +20,8 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Sequence
+from typing import IO, Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -298,7 +299,7 @@ def _read_source(src: Sequence, chunk: int = 1024) -> tuple[np.ndarray, np.ndarr
         try:
             xs.append(np.stack([np.asarray(r["image"]) for r in recs]))
         except KeyError as e:
-            raise DataError(f"records lack feature {e}: need an image-classification set with 'image', 'label'")
+            raise DataError(f"records lack feature {e}: need an image-classification set with 'image', 'label'") from e
         except ValueError as e:
             raise DataError(f"images differ in shape ({e}): only fixed-size image sets are supported") from e
         ys.append(np.asarray([r["label"] for r in recs]))
