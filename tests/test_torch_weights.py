@@ -8,6 +8,7 @@ opt-in test at the end compares with torchvision itself through ``TORCH_PYTHON``
 """
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -309,3 +310,37 @@ def test_against_torchvision(tmp_path, name):
         err = _max_rel(_logits(model, from_torchvision(sd, model=model), data["x"]), data["logits"])
         print(f"{name} torch/torchvision {proc.stdout.strip()} skip={skip} skip_init={init}: max |diff| / max |logit| = {err:.2e}")
         assert err < 1e-4
+
+
+# ------------------------------------------------------------------------------ train.py --init-from
+
+def test_train_py_starts_from_a_torchvision_state_dict_with_a_new_head(tmp_path, capsys):
+    """--init-from: the run starts from the converted weights (lr 1e-9 leaves them in place), with its own head
+    for the data's 3 classes and skip weights from --skip-init; a wrong file or network is one line, exit 2."""
+    from helpers import final_params
+
+    from adaresnet_jax import train as T
+
+    sd = torchvision_state_dict("resnet18", width=4, num_classes=1000)
+    np.savez(tmp_path / "r18.npz", **sd)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x_train=rng.integers(0, 256, (32, 16, 16, 3), np.uint8), y_train=np.arange(32) % 3,
+             x_test=rng.integers(0, 256, (16, 16, 16, 3), np.uint8), y_test=np.arange(16) % 3)
+    flags = ["--model", "resnet18", "--width", "4", "--skip", "learned", "--skip-init", "1", "--dataset", "npz",
+             "--data-dir", str(tmp_path / "data.npz"), "--epochs", "1", "--batch-size", "16", "--val-split", "0",
+             "--lr", "1e-9", "--momentum", "0", "--quiet"]
+    assert T.main([*flags, "--init-from", str(tmp_path / "r18.npz"), "--workdir", str(tmp_path / "run")]) == 0
+    _, params = final_params(tmp_path / "run")
+    np.testing.assert_allclose(params["stem_conv"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0), atol=1e-6)
+    np.testing.assert_allclose(params["stage4_block2"]["Conv_1"]["kernel"],
+                               sd["layer4.1.conv2.weight"].transpose(2, 3, 1, 0), atol=1e-6)
+    assert params["head"]["kernel"].shape == (32, 3)
+    assert set(json.loads((tmp_path / "run" / "skip_weights_init.json").read_text()).values()) == {1.0}
+
+    capsys.readouterr()
+    for i, (bad, expected) in enumerate(((["--init-from", str(tmp_path / "r18.pth")], "expected an .npz"),
+                          (["--init-from", str(tmp_path / "none.npz")], "No such file"),
+                          (["--init-from", str(tmp_path / "r18.npz"), "--model", "resnet34"], "create_model('resnet18'"))):
+        assert T.main([*flags, *bad, "--workdir", str(tmp_path / f"bad{i}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
