@@ -46,7 +46,7 @@ _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running
 
 
 def from_torchvision(state_dict: Mapping[str, Any], *, model: ResNet, head: HeadChoice = "keep",
-                     rng: jax.Array | None = None) -> dict[str, Any]:
+                     rng: jax.Array | None = None, input_channels: int = 3) -> dict[str, Any]:
     """``{"params", "batch_stats"}`` for ``model`` from a torchvision ResNet ``state_dict``.
 
     Args:
@@ -59,6 +59,7 @@ def from_torchvision(state_dict: Mapping[str, Any], *, model: ResNet, head: Head
         initialisation (fine-tuning on another label set; needs ``rng``).
       rng: key for the values that are not in the checkpoint (skip weights, a new head); default
         ``jax.random.key(0)`` for the skip weights, required with ``head="new"``.
+      input_channels: channels of the images the model will see (``conv1`` must have as many).
 
     Raises:
       ValueError: one line naming the first differences (missing or unexpected names, shapes,
@@ -70,8 +71,7 @@ def from_torchvision(state_dict: Mapping[str, Any], *, model: ResNet, head: Head
         raise ValueError("head='new' initialises a fresh head: pass rng=jax.random.key(...)")
     _check_layout(model)
     given = {k: _numpy(k, v) for k, v in dict(state_dict).items() if not k.endswith("num_batches_tracked")}
-    channels = given["conv1.weight"].shape[1] if getattr(given.get("conv1.weight"), "ndim", 0) == 4 else 3
-    x = jnp.zeros((1, 8, 8, channels), jnp.float32)  # the smallest useful input: names don't depend on size
+    x = jnp.zeros((1, 8, 8, input_channels), jnp.float32)  # a small input: names and shapes don't depend on size
     target = traverse_util.flatten_dict(
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x))
 
@@ -201,11 +201,14 @@ def _compare(given: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], mod
                 "pass head='new' (with rng=) to start a fresh head, or the checkpoint's num_classes")
     elif unexpected and all(k.startswith("module.") for k in unexpected):
         hint = "strip the 'module.' prefix (DataParallel) from the names"
+    elif shapes == ["conv1.weight"] and given[shapes[0]].shape[::2] == want[shapes[0]][::2]:
+        hint = (f"the checkpoint's conv1 takes {given[shapes[0]].shape[1]} input channels, the images have "
+                f"{want[shapes[0]][1]}: pass images with {given[shapes[0]].shape[1]} channels")
     elif shapes:
-        hint = "pass a model of the checkpoint's widths (num_filters) and input channels"
+        hint = "pass a model of the checkpoint's widths (num_filters)"
     else:
         hint = "pass torchvision's own names (torchvision.models.resnetNN().state_dict()), nothing renamed or dropped"
-    raise ValueError(f"the state_dict does not match the model ({len(problems)} differences): "
+    raise ValueError(f"the state_dict does not match the model ({len(problems)} difference{'s' * (len(problems) != 1)}): "
                      f"{'; '.join(problems[:3])}{more}: {hint}")
 
 

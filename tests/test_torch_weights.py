@@ -246,6 +246,8 @@ def test_other_widths_and_class_counts_are_refused():
     assert "conv1.weight: state_dict (8, 3, 7, 7), model expects (4, 3, 7, 7)" in msg and "num_filters" in msg
     msg = _error(sd, ar.create_model("resnet18", num_classes=7, num_filters=WIDTH))
     assert "fc.weight: state_dict (5, 64)" in msg and "head='new'" in msg
+    msg = _error(sd, ar.create_model("resnet18", num_classes=5, num_filters=WIDTH), input_channels=1)
+    assert "conv1.weight: state_dict (8, 3, 7, 7), model expects (8, 1, 7, 7)" in msg and "conv1 takes 3 input channels, the images have 1" in msg
     assert "rng" in _error(sd, ar.create_model("resnet18", num_classes=7, num_filters=WIDTH), head="new")
     assert "'keep'" in _error(sd, ar.create_model("resnet18", num_classes=5, num_filters=WIDTH), head="fresh")
 
