@@ -112,6 +112,8 @@ class Config:
     skip_lr_mult: float = _f(1.0, "learning-rate multiplier of the skip weights")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     seed: int = _f(0, "seed of initialisation, data order, augmentation and the validation split")
+    init_from: str | None = _f(None, "start from a torchvision ResNet state_dict saved as .npz (names -> arrays; "
+                                     "--model resnet18..152) with a new head; ignored when resuming")
     # run, checkpoints, output
     workdir: str = _f("runs/default", "output folder: checkpoints, metrics.jsonl, summary.json, plots")
     quiet: bool = _f(False, "one log line per epoch instead of a progress bar (always so when stderr is not a terminal)")

@@ -185,7 +185,8 @@ def run(cfg: Config) -> dict[str, Any]:
                      f"{f' in {procs} processes' if procs != 1 else ''} onto {n_dev} device{'s' * (n_dev != 1)}"
                      f"{f' in {n_procs} processes' if n_procs != 1 else ''} (step {start_step})")
         else:
-            start_step, state = 0, create_state(model, tx, image_shape, seed=cfg.seed, mesh=mesh)
+            start_step, state = 0, _init_from(cfg, model, tx, mesh, image_shape[-1]) if cfg.init_from else \
+                create_state(model, tx, image_shape, seed=cfg.seed, mesh=mesh)
             if proc0:  # the initial skip weights: the trajectories' epoch 0 (summary.json "skip_weights_init")
                 init = skip_values(jax.device_get(skip_weights(state["params"])))
                 (workdir / "skip_weights_init.json").write_text(json.dumps(init) + "\n")
@@ -211,6 +212,23 @@ def run(cfg: Config) -> dict[str, Any]:
 def _say(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _init_from(cfg: Config, model: Any, tx: Any, mesh: jax.sharding.Mesh, channels: int) -> State:
+    """``--init-from``: the initial state from a torchvision state dict (.npz), with a new head (seed ``cfg.seed``)."""
+    from adaresnet_jax.torch_weights import from_torchvision
+
+    if not cfg.init_from.endswith(".npz"):
+        raise UsageError(f"--init-from {cfg.init_from}: expected an .npz of a torchvision state_dict, written by "
+                         "np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})")
+    try:
+        with np.load(cfg.init_from) as f:
+            state_dict = dict(f)
+        v = from_torchvision(state_dict, model=model, head="new", rng=jax.random.key(cfg.seed), input_channels=channels)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--init-from {cfg.init_from}: {e}") from None
+    init = lambda v: {"step": jnp.zeros((), jnp.int32), **v, "opt_state": tx.init(v["params"])}  # noqa: E731
+    return jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(v)
 
 
 def _end_step(cfg: Config, spe: int) -> int:
