@@ -85,8 +85,10 @@ COMPARISONS = [
     _c("controls, CIFAR-10 5k, ResNet-20: learned vs frozen0", "controls-cifar-r20-5k", "frozen0", "learned"),
     *[_c(f"budget, CIFAR-10 5k, ResNet-20, {e} epochs: {v} vs identity", f"budget-cifar-r20-5k-{e}ep", "identity", v)
       for e in (10, 30, 100) for v in ("learned", "learned-w1")],
-    *[_c(f"CIFAR-10 5k, ResNet-20, skip lr x{m}: learned vs identity", "lr-cifar-r20-5k", "identity", f"learned-x{m}")
-      for m in (3, 10, 30)],
+    *[_c(f"CIFAR-10 5k, ResNet-20, skip lr multiplier: {v} vs identity", "lr-cifar-r20-5k", "identity", v)
+      for v in ("learned", "learned-x3", "learned-x10", "learned-x30")],
+    *[_c(f"seed setup (paper), CIFAR-10 5k: {v} vs identity", "paper-5k-normal", "identity", v)
+      for v in ("learned", "learned-normal")],
 ]
 
 # Comparisons whose runs are all in another comparison already: printed, but in no family.

@@ -84,3 +84,68 @@ def test_committed_tables_are_the_script_output():
     """results/summary.md is exactly what summarize.py prints for the committed runs."""
     committed = (Path(summarize.ROOT) / "summary.md").read_text()
     assert committed == summarize.table() + "\n"
+
+
+def test_run_all_commands_reproduce_the_committed_configs():
+    """Every default section of results/run_all.sh, parsed as convergence.py and train.py parse it, gives each
+    committed run's saved config (its 'auto' convolution read as what provenance.json says it resolved to)."""
+    import dataclasses
+    import os
+    import shlex
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import convergence
+
+    from adaresnet_jax.config import parse_config
+
+    root = Path(summarize.ROOT)
+    out = subprocess.run(["bash", str(root / "run_all.sh")], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DRY_RUN": "1", "PYTHON": "python"}).stdout
+    commands = [shlex.split(line)[3:] for line in out.splitlines() if line.startswith("DRY_RUN")]
+    checked, sweeps = 0, set()
+    for argv in commands:
+        a, rest = convergence.parse_args(argv)
+        sweeps.add(a.out.name)
+        prov = json.loads((root / a.out.name / "provenance.json").read_text())["runs"]
+        for variant, flags in a.variants.items():
+            cfg = dataclasses.asdict(parse_config(["--preset", a.preset, *rest, *flags, "--quiet"]))
+            for seed in range(a.seeds):
+                run = f"{variant}-seed{seed}"
+                saved = json.loads((root / a.out.name / run / "summary.json").read_text())["config"]
+                if saved["conv_impl"] == "auto":
+                    saved["conv_impl"] = prov[run]["conv_impl"]
+                assert saved.pop("seed") == seed and saved.pop("workdir").endswith(f"{a.out.name}/{run}")
+                diff = {k: (v, cfg.get(k)) for k, v in saved.items() if cfg.get(k, "absent") != v}
+                assert not diff, f"{a.out.name}/{run}: committed vs run_all.sh {diff}"
+                checked += 1
+    # the default list is exactly the committed family: every committed sweep but the unreproducible round-1 one
+    committed = {p.name for p in root.iterdir() if any(p.glob("*-seed*/summary.json"))}
+    assert sweeps == committed - {"paper-5k-round1"} and checked == 171  # every committed run but round 1's 6
+
+
+@pytest.mark.parametrize("optimizer, extra", [("sgd", ["--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4"]),
+                                              ("adam", ["--weight-decay", "1e-4"]), ("adamw", ["--weight-decay", "0.1"])])
+def test_skip_lr_mult_zero_freezes_the_skip_weights_exactly(optimizer, extra):
+    """The controls' frozen w (--skip-lr-mult 0): after optimiser steps with nonzero gradients the skip weights
+    are bit-for-bit their initial values, while kernels move, under every optimiser the presets use."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from adaresnet_jax.config import parse_config
+    from adaresnet_jax.optim import make_optimizer
+
+    cfg = parse_config(["--optimizer", optimizer, "--lr", "0.1", "--skip-lr-mult", "0", "--epochs", "2",
+                        "--warmup-epochs", "0", *extra])
+    tx, _ = make_optimizer(cfg, steps_per_epoch=3)
+    params = {"block": {"skip_weight": jnp.array([0.0, 1.0]), "conv": {"kernel": jnp.ones((3, 3))}}}
+    state = tx.init(params)
+    p = params
+    for i in range(4):
+        grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5 + i), p)
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(np.asarray(p["block"]["skip_weight"]), [0.0, 1.0])
+    assert float(jnp.abs(p["block"]["conv"]["kernel"] - 1).min()) > 1e-3
