@@ -14,9 +14,12 @@ test set's resolution, coarser than float round-off) and leaves zeros and ties t
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 NAN = math.nan
 DIFF_DECIMALS = 9  # a 10,000-image test set's resolution is 1e-4; float64 round-off is ~1e-16
@@ -83,3 +86,36 @@ def last_k_mean(accuracies: Sequence[float], k: int) -> float:
     """Mean of the last ``k`` values (all of them if there are fewer)."""
     tail = list(accuracies)[-k:]
     return statistics.fmean(tail)
+
+
+def run_provenance(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """{"commit", "conv_impl", "dirty", "source"} of one run: its summary.json's "provenance" ("run"), else
+    its sweep folder's provenance.json, reconstructed from git history for runs older than that key
+    ("sweep"), else unknown (None values)."""
+    if "provenance" in summary:
+        p = summary["provenance"]
+        return {"commit": p.get("commit"), "conv_impl": p.get("conv_impl"), "dirty": p.get("dirty"), "source": "run"}
+    table = run_dir.parent / "provenance.json"
+    if table.exists():
+        known = json.loads(table.read_text())["runs"].get(run_dir.name)
+        if known:
+            return {"commit": known["commit"], "conv_impl": known["conv_impl"], "dirty": None, "source": "sweep"}
+    return {"commit": None, "conv_impl": None, "dirty": None, "source": "unknown"}
+
+
+def pairing(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> tuple[bool, str]:
+    """May runs a[i] and b[i] (their run_provenance dicts) be paired seed by seed? (ok, reason or note).
+    Only if every pair ran a known commit and convolution, the same on both sides; a dirty tree pairs
+    (its commit and convolution agree) with the note "dirty tree"."""
+    reasons, dirty = set(), False
+    for px, py in zip(a, b):
+        if None in (px["commit"], py["commit"], px["conv_impl"], py["conv_impl"]):
+            reasons.add("provenance unknown")
+        elif px["commit"] != py["commit"]:
+            reasons.add(f"commits {px['commit']} / {py['commit']}")
+        elif px["conv_impl"] != py["conv_impl"]:
+            reasons.add(f"conv {px['conv_impl']} / {py['conv_impl']}")
+        dirty = dirty or bool(px["dirty"]) or bool(py["dirty"])
+    if reasons:
+        return False, "; ".join(sorted(reasons))
+    return True, "dirty tree" if dirty else ""

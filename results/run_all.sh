@@ -30,8 +30,8 @@ hy=(--conv-impl hybrid)  # the CPU default (auto) of every committed sweep but d
 
 digits_init() {  # Part 6: what the skip weights learn on the embedded digits, from 0 and from 1 (round 1, whose
   # quick preset had nesterov on: it does nothing under Adam, but the config records it)
-  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init0 --skip-init 0 --nesterov "${hy[@]}"
-  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init1 --skip-init 1 --nesterov "${hy[@]}"
+  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init0 --title "digits, w0 = 0" --skip-init 0 --nesterov "${hy[@]}"
+  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init1 --title "digits, w0 = 1" --skip-init 1 --nesterov "${hy[@]}"
 }
 
 cifar_r20() {  # Part 2: preset cifar, ResNet-20 at half width, 5,000 images (round 1)
@@ -139,6 +139,22 @@ collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics;
       cp "$r"/metrics.jsonl "$r"/summary.json results/$name/$(basename "$r")/ 2>/dev/null || true
     done
   done
+  $py results/summarize.py > results/summary.md
+}
+
+replot_one() {  # convergence.py's command with --out pointed at results/<sweep> and --replot: reads, never trains
+  local args=("$@") out="" i
+  for ((i = 0; i < ${#args[@]}; i++)); do [ "${args[i]}" != --out ] || out=${args[i + 1]}; done
+  "${args[@]}" --out "results/$(basename "$out")" --replot
+}
+
+replot() {  # the committed sweeps' tables and plots, redrawn from their per-run files (no training), then summary.md
+  local saved=$conv
+  conv="replot_one $py benchmarks/convergence.py"
+  digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar
+  $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
+      --variants "identity=--skip identity;learned-normal=--skip learned"
+  conv=$saved
   $py results/summarize.py > results/summary.md
 }
 

@@ -101,19 +101,6 @@ DUPLICATES = {
 }
 
 
-def _provenance(sweep_dir: Path, run: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """{"commit", "conv_impl", "dirty", "source"} of one run: its own record, else its sweep's provenance.json."""
-    if "provenance" in summary:
-        p = summary["provenance"]
-        return {"commit": p.get("commit"), "conv_impl": p.get("conv_impl"), "dirty": p.get("dirty"), "source": "run"}
-    table = sweep_dir / "provenance.json"
-    if table.exists():
-        known = json.loads(table.read_text())["runs"].get(run)
-        if known:
-            return {"commit": known["commit"], "conv_impl": known["conv_impl"], "dirty": None, "source": "sweep"}
-    return {"commit": None, "conv_impl": None, "dirty": None, "source": "unknown"}
-
-
 def runs(sweep: str, variant: str, root: Path = ROOT) -> list[dict[str, Any]]:
     """[{"final", "last_k", "train_acc", "provenance"}] per finished seed, in seed order (stops at the first gap)."""
     out = []
@@ -126,26 +113,13 @@ def runs(sweep: str, variant: str, root: Path = ROOT) -> list[dict[str, Any]]:
             break
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
         out.append({"final": summary["test_acc"], "last_k": stats.last_k_mean([r["test_acc"] for r in rows], LAST_K),
-                    "train_acc": rows[-1]["train_acc"], "provenance": _provenance(root / sweep, d.name, summary)})
+                    "train_acc": rows[-1]["train_acc"], "provenance": stats.run_provenance(d, summary)})
     return out
 
 
 def pairing(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[bool, str]:
-    """(may the runs be paired seed by seed, why not / a note). Pairs need the same known commit and
-    convolution on both sides of every seed."""
-    reasons, dirty = set(), False
-    for x, y in zip(a, b):
-        px, py = x["provenance"], y["provenance"]
-        if px["commit"] is None or py["commit"] is None or px["conv_impl"] is None or py["conv_impl"] is None:
-            reasons.add("provenance unknown")
-        elif px["commit"] != py["commit"]:
-            reasons.add(f"commits {px['commit']} / {py['commit']}")
-        elif px["conv_impl"] != py["conv_impl"]:
-            reasons.add(f"conv {px['conv_impl']} / {py['conv_impl']}")
-        dirty = dirty or bool(px["dirty"]) or bool(py["dirty"])
-    if reasons:
-        return False, "; ".join(sorted(reasons))
-    return True, "dirty tree" if dirty else ""
+    """(may the runs be paired seed by seed, why not / a note): stats.pairing on their provenance."""
+    return stats.pairing([r["provenance"] for r in a], [r["provenance"] for r in b])
 
 
 def compare(c: Comparison, root: Path = ROOT) -> dict[str, Any] | None:
@@ -232,7 +206,7 @@ def provenance_table(root: Path = ROOT) -> str:
         cells: dict[str, set[str]] = {}
         for run in sorted(root.glob(f"{sweep}/*-seed*/summary.json")):
             name = run.parent.name
-            p = _provenance(root / sweep, name, json.loads(run.read_text()))
+            p = stats.run_provenance(run.parent, json.loads(run.read_text()))
             cells.setdefault(name.rsplit("-seed", 1)[0], set()).add(f"{p['commit']}, {p['conv_impl']} ({p['source']})")
         lines.append(f"| {sweep} | " + "; ".join(f"{v}: {' + '.join(sorted(s))}" for v, s in cells.items()) + " |")
     return "\n".join(lines)
