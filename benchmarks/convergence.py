@@ -300,10 +300,12 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
             ax.axhline(1.0, color="grey", lw=0.5, ls="--")
             ax.axhline(0.0, color="grey", lw=0.5)
             ax.set(xlabel="epoch (0: initial value)", ylabel="skip weight w",
-                   title=f"{v} ({_init_label(runs[v][0])})".replace(" ()", "") + _other_code(runs, v, base))
+                   title=f"{v} ({_init_label(runs[v][0])})".replace(" ()", "")
+                   + _other_code(runs, v, base).replace(" [", "\n["))
             ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
-        fig.suptitle(f"{what}: skip weight per block (line: mean over seeds; band: {BAND})", fontsize=10)
+        fig.suptitle(f"{what}: skip weight per block (line: mean over seeds; band: {BAND})", fontsize=10,
+                     y=1.0 if len(blocks) <= 12 else 1.06)
         if len(blocks) <= 12:
             fig.tight_layout()
             handles, labels = axes[0][-1].get_legend_handles_labels()

@@ -88,6 +88,16 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     again = convergence.main(args)
     assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == mtimes
     assert again["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+    # --replot only reads: the same report and plots, and an error (no training) for a run that is missing.
+    (out / "accuracy.png").unlink()
+    redrawn = convergence.main(args + ["--replot"])
+    assert redrawn["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+    assert (out / "accuracy.png").stat().st_size > 0 and redrawn["command"] == result["command"]
+    with pytest.raises(SystemExit, match="no finished run"):
+        convergence.main([*args[:3], "3", *args[4:], "--replot"])
+    assert not (out / "identity-seed2").exists()
+    # Runs of one commit and convolution pair; the report says so.
+    assert result["rules"]["learned"]["pairable"] and result["rules"]["learned"]["pairing_note"] in ("", "dirty tree")
     # A report of identity skips alone (the seed's ResNet-50 baseline) has no skip-weight table.
     assert "skip weights" in result["table"]
     alone = convergence.main(args + ["--skips", "identity"])
@@ -184,7 +194,8 @@ def test_convergence_variants_and_paired_report(tmp_path):
     assert summary["skip_weights_init"] == {"stage1/block1": 1.0, "stage2/block1": 1.0}
     assert summary["config"]["skip_init"] == 1.0
     assert "paired" in result["table"] and "last 2 epochs" in result["table"] and "| learned-w1 |" in result["table"]
-    assert convergence.color("identity", ["identity", "x"]) == "black" != convergence.color("x", ["identity", "x"])
+    assert convergence.color("identity", ["identity", "x"]) == "#000000" != convergence.color("x", ["identity", "x"])
+    assert len(set(convergence.COLORS.values())) == len(convergence.COLORS)  # every named variant its own colour
 
 
 @pytest.mark.slow
