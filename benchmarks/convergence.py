@@ -36,18 +36,13 @@ from adaresnet_jax.config import parse_config  # noqa: E402
 from adaresnet_jax.metrics import read_jsonl  # noqa: E402
 from adaresnet_jax.models import SKIP_RULES  # noqa: E402
 
-# One colour per variant name, the same in every figure of every sweep.
-COLORS = {"identity": "black", "learned": "tab:blue", "learned-w1": "tab:cyan", "rezero": "tab:orange",
-          "rezero-w1": "tab:red", "learned-pc": "tab:purple", "learned-normal": "tab:green"}
-_EXTRA_COLORS = ["tab:brown", "tab:pink", "tab:olive", "tab:gray", "gold", "navy"]
-SEED_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
-SEED_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<"]
-
-
-def _seed_style(i: int, n_points: int) -> dict[str, Any]:
-    """Line style and marker of seed ``i``: together they tell up to 60 seeds apart."""
-    return {"ls": SEED_STYLES[i % len(SEED_STYLES)], "marker": SEED_MARKERS[i % len(SEED_MARKERS)],
-            "markersize": 3, "markevery": max(1, n_points // 8)}
+# One colour per variant name, the same in every figure of every sweep: Okabe and Ito's colour-blind-safe
+# palette, then Paul Tol's muted one for names beyond it (every line of a figure gets its own colour).
+COLORS = {"identity": "#000000", "learned": "#0072B2", "learned-w1": "#56B4E9", "rezero": "#E69F00",
+          "rezero-w1": "#D55E00", "learned-pc": "#CC79A7", "learned-normal": "#009E73", "learned-x10": "#882255",
+          "frozen0": "#999933", "frozen1": "#44AA99", "learned-x3": "#332288", "learned-x30": "#AA4499"}
+_EXTRA_COLORS = ["#117733", "#DDCC77", "#88CCEE", "#661100", "#6699CC", "#888888"]
+BAND = "min-max over seeds"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -68,6 +63,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         "baseline's final mean)")
     p.add_argument("--title", default=None, help="sweep name shown in figure titles (default: the --out folder)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/convergence-<preset>)")
+    p.add_argument("--replot", action="store_true",
+                   help="train nothing: rebuild the tables and plots from the runs already in --out (an error if "
+                        "one is missing)")
     a, rest = p.parse_known_args(argv)
     if a.variants:
         a.variants = dict(_variant(v, p) for v in a.variants.split(";") if v.strip())
@@ -99,6 +97,8 @@ def run_sweep(a: argparse.Namespace, train_args: list[str]) -> dict[str, list[di
             workdir = a.out / f"{name}-seed{seed}"
             summary_path = workdir / "summary.json"
             done = summary_path.exists() and json.loads(summary_path.read_text()).get("finished")
+            if not done and a.replot:
+                sys.exit(f"convergence.py: error: --replot: {workdir} has no finished run; drop --replot to train it")
             if not done:
                 cfg = parse_config(["--preset", a.preset, *train_args, *flags, "--seed", str(seed),
                                     "--workdir", str(workdir), "--quiet"])
@@ -109,8 +109,9 @@ def run_sweep(a: argparse.Namespace, train_args: list[str]) -> dict[str, list[di
                     sys.exit(f"convergence.py: error: {e}")
                 if result.get("interrupted"):
                     sys.exit(f"convergence.py: stopped in {workdir}; rerun the same command to resume the sweep")
-            runs[name].append({"summary": json.loads(summary_path.read_text()),
-                               "rows": read_jsonl(workdir / "metrics.jsonl")})
+            summary = json.loads(summary_path.read_text())
+            runs[name].append({"summary": summary, "rows": read_jsonl(workdir / "metrics.jsonl"),
+                               "provenance": stats.run_provenance(workdir, summary)})
     return runs
 
 
@@ -164,8 +165,14 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict
         for rc in reach:
             hit = [e for e in rc["epochs"] if e is not None]
             cells.append(f"{statistics.fmean(hit):.1f} ({len(hit)}/{a.seeds})" if hit else f"never (0/{a.seeds})")
+        pairable, why = stats.pairing([r["provenance"] for r in runs[base]], [r["provenance"] for r in runs[v]])
+        out["rules"][v]["pairable"], out["rules"][v]["pairing_note"] = pairable, why
         if v == base:
             vs_p = vs_w = vs_k = "-"
+        elif not pairable:
+            vs_p = vs_k = f"not paired ({why}): see Welch"
+            vs_w = (f"{_pct(final_cmp['welch'])} [{_pct(final_cmp['welch'], 'lo')}, {_pct(final_cmp['welch'], 'hi')}], "
+                    f"p={final_cmp['welch']['p']:.3f}")
         else:
             vs_p, vs_k, vs_w = _paired_cell(final_cmp["paired"]), _paired_cell(lastk_cmp["paired"]), (
                 f"{_pct(final_cmp['welch'])} [{_pct(final_cmp['welch'], 'lo')}, {_pct(final_cmp['welch'], 'hi')}], "
@@ -223,54 +230,93 @@ def _init_label(r: dict[str, Any]) -> str:
     return "" if not vals else f"w0 = {vals[0]:g}" if len(vals) == 1 else f"w0 in [{vals[0]:g}, {vals[-1]:g}]"
 
 
+def _other_code(runs: dict[str, list[dict[str, Any]]], v: str, base: str) -> str:
+    """'' if variant v ran the base variant's code and convolution in every seed, else a legend mark."""
+    ok, _ = stats.pairing([r["provenance"] for r in runs[base]], [r["provenance"] for r in runs[v]])
+    if ok or v == base:
+        return ""
+    codes = sorted({f"{r['provenance']['commit']}, {r['provenance']['conv_impl']}" for r in runs[v]})
+    return f" [ran at {' + '.join(codes)}: not paired]"
+
+
+def _band(ax: Any, xs: list[list[float]], ys: list[list[float]], color: str, label: str, ls: Any = "-") -> None:
+    """Mean over seeds as a line, the min-max over seeds as a band (epochs every seed has)."""
+    n = min(len(x) for x in xs)
+    x = xs[0][:n]
+    cols = list(zip(*[y[:n] for y in ys]))
+    ax.plot(x, [statistics.fmean(c) for c in cols], color=color, lw=1.6, ls=ls, label=label)
+    ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], color=color, alpha=0.18, lw=0)
+
+
 def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[Path]:
-    """accuracy.png (test and train accuracy in % per epoch, every seed) and skip_weights.png (each
-    block's weight from epoch 0, the initial value, one panel per variant with learned weights)."""
+    """accuracy.png (test accuracy, and training accuracy as the running train-mode mean over each epoch, in %:
+    mean over seeds with a min-max band) and skip_weights.png (each block's weight from epoch 0, its initial
+    value: mean over seeds with a min-max band, one panel per variant with learned weights). Legends sit
+    outside the axes; a variant that ran other code than the first is marked in the legend and dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names, what = list(a.variants), _describe(a, runs)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    base = names[0]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), sharey=True)
+    titles = {"test_acc": "test accuracy after each epoch",
+              "train_acc": "training accuracy: running mean over each epoch (train mode)"}
     for ax, key in zip(axes, ("test_acc", "train_acc")):
         for v in names:
-            for i, r in enumerate(runs[v]):
-                ax.plot([row["epoch"] for row in r["rows"]], [100 * row[key] for row in r["rows"]],
-                        color=color(v, names), **_seed_style(i, len(r["rows"])), alpha=0.85, lw=1.2,
-                        label=f"{v} ({_init_label(r)})".replace(" ()", "") if i == 0 else None)
-        ax.set(xlabel="epoch", ylabel=f"{key.split('_')[0]} accuracy (%)", title=f"{key.split('_')[0]} accuracy")
+            mark = _other_code(runs, v, base)
+            label = f"{v} ({_init_label(runs[v][0])})".replace(" ()", "") + f", {len(runs[v])} seeds" + mark
+            _band(ax, [[row["epoch"] for row in r["rows"]] for r in runs[v]],
+                  [[100 * row[key] for row in r["rows"]] for r in runs[v]], color(v, names), label,
+                  ls="--" if mark else "-")
+        ax.set(xlabel="epoch", ylabel="accuracy (%)", title=titles[key])
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title=f"line style and marker = seed (0-{a.seeds - 1})", title_fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title=f"line: mean over seeds; band: {BAND}", title_fontsize=8, frameon=False)
     fig.suptitle(what, fontsize=10)
     fig.tight_layout()
     paths = [a.out / "accuracy.png"]
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     learned = [v for v in names if runs[v][0]["summary"]["skip_weights"]]
     if learned:
-        fig, axes = plt.subplots(1, len(learned), figsize=(6 * len(learned), 4.2), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(learned), figsize=(5.5 * len(learned), 4.2), squeeze=False, sharey=True)
+        blocks: list[str] = []
         for ax, v in zip(axes[0], learned):
             blocks = list(runs[v][0]["summary"]["skip_weights"])
             cmap = plt.get_cmap("viridis", max(len(blocks), 2))
             for j, b in enumerate(blocks):
-                for i, r in enumerate(runs[v]):
+                xs, ys = [], []
+                for r in runs[v]:
                     init = (r["summary"].get("skip_weights_init") or {}).get(b)
-                    ep = ([0] if init is not None else []) + [row["epoch"] for row in r["rows"]]
-                    w = ([_scalar(init)] if init is not None else []) + [_scalar(row["skip_weights"][b]) for row in r["rows"]]
-                    ax.plot(ep, w, color=cmap(j), **_seed_style(i, len(ep)), alpha=0.8, lw=1.1,
-                            label=b if i == 0 else None)
+                    xs.append(([0] if init is not None else []) + [row["epoch"] for row in r["rows"]])
+                    ys.append(([_scalar(init)] if init is not None else [])
+                              + [_scalar(row["skip_weights"][b]) for row in r["rows"]])
+                _band(ax, xs, ys, cmap(j), b)
             ax.axhline(1.0, color="grey", lw=0.5, ls="--")
             ax.axhline(0.0, color="grey", lw=0.5)
             ax.set(xlabel="epoch (0: initial value)", ylabel="skip weight w",
-                   title=f"{v} ({_init_label(runs[v][0])})".replace(" ()", ""))
+                   title=f"{v} ({_init_label(runs[v][0])})".replace(" ()", "")
+                   + _other_code(runs, v, base).replace(" [", "\n["))
+            ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
-        fig.suptitle(f"{what}: skip weight per block (line style and marker = seed)", fontsize=10)
-        fig.tight_layout()
+        fig.suptitle(f"{what}: skip weight per block (line: mean over seeds; band: {BAND})", fontsize=10,
+                     y=1.0 if len(blocks) <= 12 else 1.06)
+        if len(blocks) <= 12:
+            fig.tight_layout()
+            handles, labels = axes[0][-1].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False,
+                       title="block (colour)", title_fontsize=8)
+        else:  # too many blocks for a legend: a colour bar from the first block to the last
+            sm = plt.cm.ScalarMappable(cmap=plt.get_cmap("viridis", len(blocks)), norm=plt.Normalize(1, len(blocks)))
+            fig.colorbar(sm, ax=axes[0].tolist(), label=f"block, 1 ({blocks[0]}) to {len(blocks)} ({blocks[-1]})",
+                         fraction=0.03, pad=0.02)
         paths.append(a.out / "skip_weights.png")
-        fig.savefig(paths[-1], dpi=120)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths
 
@@ -280,7 +326,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.out.mkdir(parents=True, exist_ok=True)
     runs = run_sweep(a, train_args)
     result = report(a, runs)
-    result["command"] = " ".join(["benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["benchmarks/convergence.py", *(sys.argv[1:] if argv is None else argv)])
+    saved = a.out / "convergence.json"
+    if a.replot and saved.exists():  # the command that trained the runs, not the one that redrew them
+        command = json.loads(saved.read_text()).get("command", command)
+    result["command"] = command
     (a.out / "convergence.json").write_text(json.dumps(result, indent=1))
     (a.out / "convergence.md").write_text(result["table"] + "\n")
     paths = plot(a, runs)

@@ -2,8 +2,14 @@
 # Every run behind RESULTS.md (2 CPU cores; RESULTS.md gives each sweep's time). Each sweep resumes where
 # it stopped: rerun the same command to finish an interrupted one.
 #
-#   bash results/run_all.sh                  # every section, in order
+#   bash results/run_all.sh                  # every section behind results/summary.md, in order, then collect
 #   bash results/run_all.sh depth_digits     # only the named sections
+#   DRY_RUN=1 bash results/run_all.sh        # print the commands instead (tests/test_summarize.py checks that
+#                                            # they reproduce the committed runs' configs)
+#
+# Each sweep passes the convolution it ran with (--conv-impl; results/<sweep>/provenance.json): the committed
+# numbers came from code at the commits named there, so a rerun at today's commit gives numbers of the same
+# kind, not the same bits (training amplifies float round-off).
 #
 # CIFAR-10 sections need data/cifar10.npz: python ../shared/data/cifar10/to_npz.py data/cifar10.npz (the
 # project's offline copy, JPEG q75: accuracies run 2-3 points under the original pixels'); with network,
@@ -14,77 +20,114 @@ py=${PYTHON:-.venv/bin/python}
 runs=${RUNS:-runs/results}      # checkpoints and full logs (not committed)
 data=${CIFAR10_NPZ:-data/cifar10.npz}
 conv="$py benchmarks/convergence.py"
+dry() { printf 'DRY_RUN'; printf ' %q' "$@"; printf '\n'; }
+[ -z "${DRY_RUN:-}" ] || conv="dry $conv"
 # the four skip rules every study compares; learned-w1 is AdaResNet started at the plain-ResNet point
 four="identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1;rezero=--skip rezero"
 # the CIFAR-10 subset setting (preset cifar on 5,000 images, 10 epochs), He's CIFAR networks at width 8
 c5k=(--dataset cifar10 --data-dir "$data" --max-train 5000 --val-split 0.02 --epochs 10 --width 8)
+hy=(--conv-impl hybrid)  # the CPU default (auto) of every committed sweep but depth-cifar-resnet56
 
-digits_init() {  # Part 3: what the skip weights learn on the embedded digits, from 0 and from 1 (round 1)
-  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init0 --skip-init 0
-  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init1 --skip-init 1
+digits_init() {  # Part 6: what the skip weights learn on the embedded digits, from 0 and from 1 (round 1, whose
+  # quick preset had nesterov on: it does nothing under Adam, but the config records it)
+  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init0 --title "digits, w0 = 0" --skip-init 0 --nesterov "${hy[@]}"
+  $conv --preset quick --skips learned,rezero --seeds 3 --out $runs/digits-init1 --title "digits, w0 = 1" --skip-init 1 --nesterov "${hy[@]}"
 }
 
 cifar_r20() {  # Part 2: preset cifar, ResNet-20 at half width, 5,000 images (round 1)
-  $conv --preset cifar --skips identity,learned,rezero --seeds 3 --out $runs/cifar-r20-5k --model resnet20 "${c5k[@]}"
+  $conv --preset cifar --skips identity,learned,rezero --seeds 3 --out $runs/cifar-r20-5k --model resnet20 "${c5k[@]}" \
+      "${hy[@]}"
   $conv --preset cifar --skips learned,rezero --seeds 3 --out $runs/cifar-r20-5k-init1 --model resnet20 "${c5k[@]}" \
-      --skip-init 1
+      --skip-init 1 "${hy[@]}"
 }
 
-digits_10seeds() {  # (b) 10 paired seeds on the cheapest decisive setting, every rule, per-channel weights too
-  $conv --preset quick --seeds 10 --out $runs/digits-10seeds --title "digits, 10 seeds" \
+digits_10seeds() {  # Part 3: 10 paired seeds on the cheapest setting, every rule, per-channel weights too
+  $conv --preset quick --seeds 10 --out $runs/digits-10seeds --title "digits, 10 seeds" "${hy[@]}" \
       --variants "$four;learned-pc=--skip learned --skip-per-channel"
 }
 
-lr_digits() {  # (d) learning-rate sensitivity of identity and learned, and the skip weights' own lr multiplier
+lr_digits() {  # Part 5: learning-rate sensitivity of identity and learned, and the skip weights' own lr multiplier
   for lr in 0.001 0.003 0.01 0.03; do
-    $conv --preset quick --seeds 3 --out $runs/digits-lr$lr --title "digits, Adam lr $lr" --lr $lr \
+    $conv --preset quick --seeds 3 --out $runs/digits-lr$lr --title "digits, Adam lr $lr" --lr $lr "${hy[@]}" \
         --variants "identity=--skip identity;learned=--skip learned;learned-x10=--skip learned --skip-lr-mult 10"
   done
 }
 
-depth_digits() {  # (c) depth: He's ResNet-20, 56 and 110 at width 8 on the digits, every rule
+depth_digits() {  # Part 4: depth: He's ResNet-20, 56 and 110 at width 8 on the digits, every rule
   for m in resnet20 resnet56 resnet110; do
-    $conv --preset quick --seeds 3 --out $runs/depth-digits-$m --title "depth, digits, $m" --model $m --variants "$four"
+    $conv --preset quick --seeds 3 --out $runs/depth-digits-$m --title "depth, digits, $m" --model $m "${hy[@]}" \
+        --variants "$four"
   done
 }
 
-paper_5k() {  # Part 1: the seed's experiment (preset paper, exactly the seed's network and recipe) on 5,000 images
+paper_5k() {  # Part 1: the seed's experiment (preset paper: the seed's network and recipe) on 5,000 JPEG images
   $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-5k --title "seed setup, 5k" \
-      --dataset cifar10 --data-dir "$data" --max-train 5000
+      --dataset cifar10 --data-dir "$data" --max-train 5000 "${hy[@]}"
   $conv --preset paper --skips identity --seeds 2 --out $runs/paper-5k-resnet50keras --title "seed baseline, 5k" \
-      --dataset cifar10 --data-dir "$data" --max-train 5000 --model resnet50_keras
+      --dataset cifar10 --data-dir "$data" --max-train 5000 --model resnet50_keras "${hy[@]}"
 }
+# paper-5k-round1 (round 1's paper network, before it was made Keras-exact) cannot be rerun at today's code.
 
-long_digits() {  # (e) a longer schedule on the digits: 60 epochs (cosine over all 60): do the weights keep moving?
-  $conv --preset quick --seeds 3 --out $runs/digits-60ep --title "digits, 60 epochs" --epochs 60 \
+long_digits() {  # Part 6: a longer schedule on the digits: 60 epochs (cosine over all 60)
+  $conv --preset quick --seeds 3 --out $runs/digits-60ep --title "digits, 60 epochs" --epochs 60 "${hy[@]}" \
       --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
-long_cifar() {  # (e) a longer schedule: 50 epochs on the 5,000-image subset (not run yet: about 15 min a run here)
-  $conv --preset cifar --seeds 2 --out $runs/cifar-r20-5k-50ep --title "50 epochs, CIFAR-10 5k" --model resnet20 \
-      "${c5k[@]}" --epochs 50 --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
-}
-
-depth_cifar() {  # (c) depth on CIFAR-10: ResNet-56 at width 8, 5,000 images, the four rules, 2 seeds (ResNet-20
-  # in this setting is cifar_r20's two sweeps: same flags and seeds, so paired across them). identity and learned
-  # ran with the `tuned` of commit 5060110; learned-w1 and rezero later, with that of 5c9e4c0 (RESULTS.md, part 4)
+depth_cifar() {  # Part 4: ResNet-56 at width 8, 5,000 images, the four rules, 2 seeds. identity and learned ran with
+  # the `tuned` of commit 5060110, learned-w1 and rezero with that of 5c9e4c0 (provenance.json): compared unpaired
   $conv --preset cifar --seeds 2 --out $runs/depth-cifar-resnet56 --title "depth, CIFAR-10 5k, resnet56" --model resnet56 \
-      "${c5k[@]}" --variants "$four"
+      "${c5k[@]}" --conv-impl tuned --variants "$four"
 }
 
-depth_cifar_more() {  # not run yet (about 8 min a ResNet-56 run here): a third seed, and ResNet-110
-  for m in resnet56 resnet110; do
-    $conv --preset cifar --seeds 3 --out $runs/depth-cifar-$m --title "depth, CIFAR-10 5k, $m" --model $m \
-        "${c5k[@]}" --variants "$four"
-  done
-}
+# ---- Prepared, not run yet (not in the default list, not in results/summary.md's families) ----
 
-paper_full() {  # (a) the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs (not run yet:
-  # about 16 min a paper seed and 45-85 min a resnet50_keras seed on 2 CPU cores; results/gpu_science.sh on a GPU)
+paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs (about 16 min a
+  # paper seed and 45-85 min a resnet50_keras seed on 2 CPU cores; results/gpu_science.sh on a GPU)
   $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-full --title "seed setup, full data" \
       --dataset cifar10 --data-dir "$data"
   $conv --preset paper --skips identity --seeds 3 --out $runs/paper-full-resnet50keras --title "seed baseline, full data" \
       --dataset cifar10 --data-dir "$data" --model resnet50_keras
+}
+
+paper_normal() {  # 5a: the seed script's variant (downsampling blocks' w ~ RandomNormal(0.05)) beside paper_5k's runs
+  $conv --preset paper --seeds 3 --out $runs/paper-5k-normal --title "seed setup, 5k, downsample w normal" \
+      --dataset cifar10 --data-dir "$data" --max-train 5000 \
+      --variants "identity=--skip identity;learned=--skip learned;learned-normal=--skip learned --downsample-skip-init normal"
+}
+
+controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside learned from 0 and from 1, ResNet-20,
+  # CIFAR-10 5k (--skip-lr-mult 0 scales the skip weights' update to exactly 0 under SGD, Adam and AdamW, and
+  # weight decay never reaches them: tests/test_summarize.py); about 3 min a run here, 15 runs
+  $conv --preset cifar --seeds 3 --out $runs/controls-cifar-r20-5k --title "controls, CIFAR-10 5k, resnet20" \
+      --model resnet20 "${c5k[@]}" --variants "identity=--skip identity;frozen0=--skip learned --skip-lr-mult 0;\
+frozen1=--skip learned --skip-init 1 --skip-lr-mult 0;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+}
+
+budget() {  # 5c: does the gap close with training? 10, 30 and 100 epochs (cosine over each), ResNet-20, CIFAR-10 5k,
+  # 3 seeds (about 3, 9 and 30 min a run here: 9 runs each)
+  for e in 10 30 100; do
+    $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-${e}ep --title "budget, CIFAR-10 5k, $e epochs" \
+        --model resnet20 "${c5k[@]}" --epochs $e \
+        --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+  done
+}
+
+lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k
+  $conv --preset cifar --seeds 3 --out $runs/lr-cifar-r20-5k --title "skip lr multiplier, CIFAR-10 5k" --model resnet20 \
+      "${c5k[@]}" --variants "identity=--skip identity;learned=--skip learned;learned-x3=--skip learned --skip-lr-mult 3;\
+learned-x10=--skip learned --skip-lr-mult 10;learned-x30=--skip learned --skip-lr-mult 30"
+}
+
+long_cifar() {  # a longer schedule: 50 epochs on the 5,000-image subset (about 15 min a run here)
+  $conv --preset cifar --seeds 2 --out $runs/cifar-r20-5k-50ep --title "50 epochs, CIFAR-10 5k" --model resnet20 \
+      "${c5k[@]}" --epochs 50 --variants "learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+}
+
+depth_cifar_more() {  # about 8 min a ResNet-56 run here: a third seed, and ResNet-110
+  for m in resnet56 resnet110; do
+    $conv --preset cifar --seeds 3 --out $runs/depth-cifar-$m --title "depth, CIFAR-10 5k, $m" --model $m \
+        "${c5k[@]}" --variants "$four"
+  done
 }
 
 collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics; no checkpoints) into results/
@@ -99,10 +142,29 @@ collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics;
   $py results/summarize.py > results/summary.md
 }
 
+replot_one() {  # convergence.py's command with --out pointed at results/<sweep> and --replot: reads, never trains
+  local args=("$@") out="" i
+  for ((i = 0; i < ${#args[@]}; i++)); do [ "${args[i]}" != --out ] || out=${args[i + 1]}; done
+  "${args[@]}" --out "results/$(basename "$out")" --replot
+}
+
+replot() {  # the committed sweeps' tables and plots, redrawn from their per-run files (no training), then summary.md
+  local saved=$conv
+  conv="replot_one $py benchmarks/convergence.py"
+  digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar
+  $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
+      --variants "identity=--skip identity;learned-normal=--skip learned"
+  conv=$saved
+  $py results/summarize.py > results/summary.md
+}
+
+# The default list is exactly the sweeps behind results/summary.md's families (round 1 and round 2).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       long_cifar depth_cifar paper_full collect)
+                                       depth_cifar collect)
+[ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
+  [ -n "$s" ] || continue
   echo "=== $s ($(date -u +%FT%TZ))"
   "$s"
 done

@@ -78,7 +78,8 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     assert result["rules"]["identity"]["skip_weights"] == {}
     assert set(result["rules"]["learned"]["skip_weights"]) == {"stage1/block1", "stage2/block1"}
     w = result["rules"]["learned"]["vs_base"]
-    assert math.isfinite(w["diff"]) and (w["lo"] <= w["diff"] <= w["hi"] or math.isnan(w["lo"]))
+    a, b = result["rules"]["identity"]["test_acc"], result["rules"]["learned"]["test_acc"]
+    _assert_welch_matches_scipy(a, b, w)
     for name in ("convergence.json", "convergence.md", "accuracy.png", "skip_weights.png"):
         assert (out / name).stat().st_size > 0
     assert "| learned |" in (out / "convergence.md").read_text()
@@ -87,6 +88,16 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     again = convergence.main(args)
     assert {p: p.stat().st_mtime for p in out.glob("*/summary.json")} == mtimes
     assert again["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+    # --replot only reads: the same report and plots, and an error (no training) for a run that is missing.
+    (out / "accuracy.png").unlink()
+    redrawn = convergence.main(args + ["--replot"])
+    assert redrawn["rules"]["learned"]["test_acc"] == result["rules"]["learned"]["test_acc"]
+    assert (out / "accuracy.png").stat().st_size > 0 and redrawn["command"] == result["command"]
+    with pytest.raises(SystemExit, match="no finished run"):
+        convergence.main([*args[:3], "3", *args[4:], "--replot"])
+    assert not (out / "identity-seed2").exists()
+    # Runs of one commit and convolution pair; the report says so.
+    assert result["rules"]["learned"]["pairable"] and result["rules"]["learned"]["pairing_note"] in ("", "dirty tree")
     # A report of identity skips alone (the seed's ResNet-50 baseline) has no skip-weight table.
     assert "skip weights" in result["table"]
     alone = convergence.main(args + ["--skips", "identity"])
@@ -94,20 +105,61 @@ def test_convergence_smallest_sweep_and_resume(tmp_path, capsys):
     assert alone["rules"]["identity"]["test_acc"] == result["rules"]["identity"]["test_acc"]
 
 
+def _assert_welch_matches_scipy(a, b, w):
+    """stats.welch(a, b) against scipy's Welch test of b - a: difference, interval and p (NaN where scipy's is)."""
+    from scipy import stats as sp
+
+    assert w["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+    if np.std(a) == 0 and np.std(b) == 0:
+        assert math.isnan(w["p"])
+        return
+    ref = sp.ttest_ind(b, a, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert (w["lo"], w["hi"], w["p"]) == pytest.approx((ci.low, ci.high, ref.pvalue), rel=1e-9, abs=1e-12)
+
+
 def test_welch_and_paired_intervals_match_scipy():
     from scipy import stats as sp
 
     a, b = [0.80, 0.82, 0.81, 0.79], [0.84, 0.83, 0.86, 0.85]
-    w = stats.welch(a, b)
-    assert w["p"] == pytest.approx(sp.ttest_ind(b, a, equal_var=False).pvalue)
-    assert w["lo"] < w["diff"] < w["hi"] and w["diff"] == pytest.approx(0.04)
+    _assert_welch_matches_scipy(a, b, stats.welch(a, b))
+    _assert_welch_matches_scipy([0.5, 0.7, 0.6], [0.9, 0.4], stats.welch([0.5, 0.7, 0.6], [0.9, 0.4]))
     d = stats.paired(a, b)
-    assert d["p"] == pytest.approx(sp.ttest_rel(b, a).pvalue) and d["diff"] == pytest.approx(0.04)
+    ref = sp.ttest_rel(b, a)
+    ci = ref.confidence_interval(0.95)
+    assert (d["diff"], d["lo"], d["hi"], d["p"]) == pytest.approx((0.04, ci.low, ci.high, ref.pvalue), rel=1e-9)
     assert d["wilcoxon_p"] == pytest.approx(sp.wilcoxon([y - x for x, y in zip(a, b)]).pvalue)
     assert (d["positive"], d["negative"], d["n"]) == (4, 0, 4)
     # The pairing matters: seeds that move together give a much narrower paired interval.
     a2, b2 = [0.70, 0.80, 0.90], [0.71, 0.81, 0.92]
     assert stats.paired(a2, b2)["hi"] - stats.paired(a2, b2)["lo"] < (stats.welch(a2, b2)["hi"] - stats.welch(a2, b2)["lo"]) / 5
+
+
+@pytest.mark.parametrize("n_test", [359, 360, 10_000])
+def test_wilcoxon_sees_tied_and_zero_differences_as_scipy_does_on_counts(n_test):
+    """Accuracies are image counts over the test-set size: equal count differences must tie, and a zero
+    difference must be dropped, as scipy does on the integer counts themselves (the independent
+    reference). Float differences of equal counts disagree in the last bits and used to rank apart."""
+    from scipy import stats as sp
+
+    # digits-10seeds, identity and learned-w1: correct test images of 359 per seed (ties at 1, 2, 3 and a 0)
+    base = [352, 349, 350, 346, 350, 349, 353, 354, 354, 349]
+    other = [352, 350, 352, 348, 349, 350, 350, 353, 353, 352]
+    diff = [y - x for x, y in zip(base, other)]
+    a, b = [c / n_test for c in base], [c / n_test for c in other]
+    if n_test == 359:  # the trap is real here: scipy on the raw float differences gives 0.449, not 0.574
+        assert sp.wilcoxon([y - x for x, y in zip(a, b)]).pvalue != pytest.approx(sp.wilcoxon(diff).pvalue)
+    d = stats.paired(a, b)
+    ref = sp.wilcoxon(diff)  # zero_method="wilcox", tie-corrected: the count differences are exact
+    assert d["wilcoxon_p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert (d["positive"], d["negative"]) == (5, 4)
+    # More ties, and two zeros: still what scipy gives on the counts.
+    diff2 = [-11, 0, -3, -6, -2, -9, -18, -12, 0, 2, -3, -3]
+    base2 = [300 + 7 * i for i in range(12)]
+    p2 = stats.paired([c / n_test for c in base2], [(c + k) / n_test for c, k in zip(base2, diff2)])["wilcoxon_p"]
+    assert p2 == pytest.approx(sp.wilcoxon(diff2).pvalue, rel=1e-12)
+    # All differences zero: no test (NaN), not p = 1.
+    assert math.isnan(stats.paired(a, a)["wilcoxon_p"])
 
 
 def test_zero_standard_error_gives_nan_not_zero():
@@ -142,7 +194,8 @@ def test_convergence_variants_and_paired_report(tmp_path):
     assert summary["skip_weights_init"] == {"stage1/block1": 1.0, "stage2/block1": 1.0}
     assert summary["config"]["skip_init"] == 1.0
     assert "paired" in result["table"] and "last 2 epochs" in result["table"] and "| learned-w1 |" in result["table"]
-    assert convergence.color("identity", ["identity", "x"]) == "black" != convergence.color("x", ["identity", "x"])
+    assert convergence.color("identity", ["identity", "x"]) == "#000000" != convergence.color("x", ["identity", "x"])
+    assert len(set(convergence.COLORS.values())) == len(convergence.COLORS)  # every named variant its own colour
 
 
 @pytest.mark.slow
