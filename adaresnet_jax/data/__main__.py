@@ -10,7 +10,7 @@ import sys
 from typing import NoReturn
 
 from adaresnet_jax.data.download import ARCHIVES, CACHE_ENV, MIRROR_ENV, fetch
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,7 +29,7 @@ from typing import IO, NamedTuple
 
 from tqdm import tqdm
 
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 CACHE_ENV = "ADARESNET_DATA"
 MIRROR_ENV = "ADARESNET_DATA_MIRROR"

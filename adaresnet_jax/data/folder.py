@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_FOLDERS = ("val", "validation", "test")
