@@ -133,6 +133,7 @@ def run(cfg: Config) -> dict[str, Any]:
     streaming = isinstance(ds, StreamingData)
     n_train, n_val, n_test = (len(a) for a in ((ds.train_idx, ds.val_idx, ds.test_idx) if streaming else
                                                (ds.x_train, ds.x_val, ds.x_test)))
+    _check_splits(cfg, ds, n_train, n_val)
     n_dev, bs = jax.device_count(), cfg.batch_size
     if bs % n_dev:
         raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
@@ -208,6 +209,27 @@ def run(cfg: Config) -> dict[str, Any]:
         if inputs is not None:
             inputs.close()
         ckpts.close()
+
+
+MIN_VAL_IMAGES = 100  # with fewer (and fewer than a batch), one image moves the validation accuracy by over 1 point
+
+
+def _check_splits(cfg: Config, ds: Dataset | StreamingData, n_train: int, n_val: int) -> None:
+    """Refuses (UsageError, one line) a training set of one class, and a validation split too small to select a
+    model by: fewer than MIN_VAL_IMAGES images and fewer than one batch. Refused rather than enlarged: taking
+    more images from the training set than --val-split says would change what the run trains on."""
+    labels = ds.train_records.labels[ds.train_idx] if isinstance(ds, StreamingData) and hasattr(
+        ds.train_records, "labels") else (None if isinstance(ds, StreamingData) else ds.y_train)
+    if ds.num_classes < 2 or (labels is not None and np.unique(labels).size < 2):
+        raise UsageError(f"the training set of {cfg.dataset} has one class: a classifier needs at least 2 (an image "
+                         "folder needs one folder per class: train/<class>/*.jpg and val/<class>/*.jpg)")
+    need = min(MIN_VAL_IMAGES, cfg.batch_size)
+    if 0 < n_val < need:
+        total = n_val / cfg.val_split  # the training images before the split
+        fix = (f"raise --val-split to at least {need / total:.2g}, or " if need < total / 2 else "") + \
+            "pass --val-split 0 (no validation split; the test split is still evaluated)"
+        raise UsageError(f"--val-split {cfg.val_split:g} holds out {n_val} of about {total:.0f} training images: too "
+                         f"few for a validation accuracy to mean anything (at least {need}): {fix}")
 
 
 def _say(enabled: bool, msg: str) -> None:

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from adaresnet_jax.data import images as img
-from adaresnet_jax.data.folder import is_image_folder, scan
+from adaresnet_jax.data.folder import check_data_dir, is_image_folder, scan
 from adaresnet_jax.data.errors import DataError
 from adaresnet_jax.data.sources import channel_stats, open_tfds
 
@@ -103,6 +103,8 @@ def open_streaming(name: str, data_dir: str | None, *, val_split: float = 0.0, s
     """The data set as a :class:`StreamingData`: an image folder when ``data_dir`` has ``train/<class>/``,
     else a TFDS name; None for the in-memory sources (digits, npz, cifar10/100 archives, any file)."""
     path = Path(data_dir).expanduser() if data_dir is not None else None
+    if path is not None:
+        check_data_dir(path)
     if path is not None and path.is_dir() and is_image_folder(path):
         train, test, classes = scan(path)
         kind, shape = "folder", None
