@@ -133,12 +133,12 @@ def run(cfg: Config) -> dict[str, Any]:
     streaming = isinstance(ds, StreamingData)
     n_train, n_val, n_test = (len(a) for a in ((ds.train_idx, ds.val_idx, ds.test_idx) if streaming else
                                                (ds.x_train, ds.x_val, ds.x_test)))
-    _check_splits(cfg, ds, n_train, n_val)
     n_dev, bs = jax.device_count(), cfg.batch_size
     if bs % n_dev:
         raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
     if bs > n_train:
         raise UsageError(f"batch_size {bs} exceeds the {n_train} training images: lower --batch-size")
+    _check_splits(cfg, ds, n_train, n_val)
     if streaming and not cfg.drop_last:
         raise UsageError("--no-drop-last is not supported by the streaming input path: drop it (or --input resident)")
     size = cfg.image_size or 224

@@ -303,8 +303,8 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
         rc, traced = map(int, out.stdout.split()[-2:])
         assert rc == 0, out.stderr[-3000:]
         assert "exceeds --resident-budget-mb 16: streaming it" in out.stderr or name == "tenth"
-        peaks[name] = traced / 2**20
-    decoded = 2000 * 128 * 128 * 3 / 2**20
+        peaks[name] = traced / 1e6
+    decoded = 2000 * 128 * 128 * 3 / 1e6
     print(f"training loop's traced peak: a tenth {peaks['tenth']:.1f} MB, all {peaks['all']:.1f} MB "
           f"(decoded set: {decoded:.0f} MB)")
     assert rows(tmp_path / "all")[-1]["step"] == rows(tmp_path / "tenth")[-1]["step"] == 200
@@ -400,7 +400,8 @@ def test_input_path_errors_exit_2(argv: list[str], expected: str, folder: Path, 
 def test_imagenet_presets_start(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--preset imagenet on an image folder and on a TFDS data dir: a clear one-line error where the data
     cannot serve it (batch 1024 > 300 images; imagenet2012 not prepared), and a start on the tiny folder
-    (tiny network, small images) that trains and evaluates."""
+    (tiny network, small images, --val-split 0: the preset's 1% would hold out 3 images, which is refused)
+    that trains and evaluates."""
     cases = [(["--data-dir", str(folder)], "batch_size 1024 exceeds the 297 training images: lower --batch-size"),
              (["--dataset", "imagenet2012", "--data-dir", str(tmp_path / "tfds")], "dataset 'imagenet2012' is not "
               f"prepared in '{tmp_path / 'tfds'}': prepare it once with `pip install 'adaresnet-jax[prepare]' && "
@@ -413,12 +414,13 @@ def test_imagenet_presets_start(folder: Path, tmp_path: Path, capsys: pytest.Cap
     wd = tmp_path / "run"
     assert T.main(["--preset", "imagenet", "--data-dir", str(folder), "--model", "tiny", "--width", "4",
                    "--image-size", "32", "--batch-size", "32", "--eval-batch-size", "64", "--input-workers", "0",
-                   "--log-every-steps", "3", "--stop-after-steps", "6", "--workdir", str(wd), "--quiet"]) == 0
+                   "--log-every-steps", "3", "--stop-after-steps", "6", "--val-split", "0", "--workdir", str(wd),
+                   "--quiet"]) == 0
     r = rows(wd)
     assert [x["step"] for x in r] == [3, 6] and r[-1]["test_acc"] is not None
     cfg = json.loads((wd / "config.json").read_text())
     assert (cfg["model"], cfg["input"], cfg["lr_batch"], cfg["dtype"], cfg["val_split"]) == \
-        ("tiny", "streaming", 256, "auto", 0.01)
+        ("tiny", "streaming", 256, "auto", 0.0)
     assert r[-1]["lr"] == pytest.approx(0.1 * 32 / 256 * 5 / (5 * 9))  # linear warm-up over 5 epochs of 9 steps
 
 
