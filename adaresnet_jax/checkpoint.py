@@ -1,7 +1,6 @@
-"""Checkpoints of the train state with orbax-checkpoint, and the workdir's saved config.
+"""Checkpoints of the train state with orbax-checkpoint (the workdir's ``config.json`` is :mod:`adaresnet_jax.runconfig`'s).
 
-Layout of a workdir: ``config.json`` (the run's :class:`~adaresnet_jax.config.Config`),
-``checkpoints/<step>/`` (the latest ``keep_checkpoints``, saved every ``checkpoint_every`` epochs, after
+Layout of a workdir: ``checkpoints/<step>/`` (the latest ``keep_checkpoints``, saved every ``checkpoint_every`` epochs, after
 the last epoch and on SIGTERM) and ``best/<step>/`` (one checkpoint, the best validation accuracy so
 far). The two managers are separate so keeping the best never deletes the newest.
 
@@ -17,12 +16,6 @@ rather than silently starting over in a workdir that holds a run; rerunning the 
 from step 0, since the corrupt steps are no longer in ``checkpoints/``). Checkpoints written before
 these checksums existed count as corrupt.
 
-Test hooks (documented, off unless set): ``ADARESNET_TEST_COMMIT_DELAY="<step>:<seconds>"`` makes the
-save of step ``<step>`` sleep that long after its files are written and before the rename that
-commits it, so a test can SIGKILL a process while a checkpoint write is in progress;
-``ADARESNET_TEST_FAIL_SAVE="<step>"`` makes the save of that step raise OSError in this process, so a
-test can check that a failed save ends every process of a multi-process run.
-
 Streaming runs (:mod:`adaresnet_jax.data.streaming`) save a second item beside the state in each step of
 ``checkpoints/``: ``data/process_<i>-of-<n>.json``, each process's grain iterator state, written by
 grain's orbax handler (``grain.checkpoint``); the state stays the item ``default``, so the layout of the
@@ -35,9 +28,6 @@ Multi-process runs: the two managers synchronise the processes with their own ba
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import shutil
 import sys
 import time
@@ -49,12 +39,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-from adaresnet_jax.config import RESUME_SAFE_FIELDS, Config
-
-
-class IncompatibleWorkdir(ValueError):
-    """The workdir belongs to a run with another configuration."""
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -81,62 +65,6 @@ def state_checksum(state: Any) -> int | None:
 def _warn(msg: str) -> None:
     if jax.process_index() == 0:
         print(f"train.py: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _commit_delay() -> tuple[int, float] | None:
-    spec = os.environ.get("ADARESNET_TEST_COMMIT_DELAY")
-    if not spec:
-        return None
-    step, seconds = spec.split(":")
-    return int(step), float(seconds)
-
-
-class _SlowCommitPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-    """AtomicRenameTemporaryPath whose commit of one step waits first (ADARESNET_TEST_COMMIT_DELAY)."""
-
-    async def finalize(self, *args: Any, **kwargs: Any) -> None:
-        import asyncio
-
-        delay = _commit_delay()
-        if delay is not None and self._final_path.name == str(delay[0]):
-            await asyncio.sleep(delay[1])
-        await super().finalize(*args, **kwargs)
-
-
-def config_diff(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
-    """Fields (outside RESUME_SAFE_FIELDS) whose saved value differs from ``cfg``: {name: (saved, now)}."""
-    now = dataclasses.asdict(cfg)
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # fields newer than a saved config
-    keys = (set(saved) | set(now)) - RESUME_SAFE_FIELDS
-    return {k: (saved.get(k, defaults.get(k)), now.get(k)) for k in sorted(keys)
-            if saved.get(k, defaults.get(k)) != now.get(k)}
-
-
-def check_workdir(workdir: Path, cfg: Config) -> bool:
-    """Raises IncompatibleWorkdir if workdir/config.json is another run's; True if it exists (a resume)."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return False
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise IncompatibleWorkdir(f"cannot read {path} ({e}): use a fresh --workdir") from None
-    diff = config_diff(saved, cfg)
-    if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:4])
-        raise IncompatibleWorkdir(f"workdir '{workdir}' holds a run with another config ({shown}"
-                                  f"{', ...' if len(diff) > 4 else ''}): use another --workdir or the same flags")
-    return True
-
-
-def write_config(workdir: Path, cfg: Config) -> None:
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json() + "\n")
-
-
-def load_config(workdir: Path) -> dict[str, Any] | None:
-    path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class _InputState:
@@ -171,8 +99,6 @@ class Checkpoints:
 
             handlers["data"] = grain.checkpoint.CheckpointHandler()
         common: dict[str, Any] = {"create": not read_only, "cleanup_tmp_directories": not read_only}
-        if _commit_delay() is not None:
-            common["temporary_path_class"] = _SlowCommitPath
         # Each manager synchronises the processes of a multi-host run with barriers named after the step.
         # "latest" and "best" often save the same step, so each gets its own barrier prefix: with one
         # shared name, the second save of a step finds the first's barrier still open and every process
@@ -201,8 +127,6 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, data: bytes | None = None) -> None:
         """Saves ``state`` (and, in a streaming run, this process's input-pipeline state ``data``) as ``step``."""
-        if os.environ.get("ADARESNET_TEST_FAIL_SAVE") == str(step):
-            raise OSError(f"simulated failure saving step {step} (ADARESNET_TEST_FAIL_SAVE)")
         items = {"default": ocp.args.StandardSave(state)}
         if data is not None:
             import grain.checkpoint

@@ -68,10 +68,11 @@ class Config:
     conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: tuned on CPU, xla elsewhere; see adaresnet_jax.conv)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     # data
-    dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset) "
-                                 "or a TFDS image-classification name")
-    data_dir: str | None = _f(None, "an .npz, a CIFAR python archive/folder, or a TFDS data dir "
-                                    "(none for cifar10/100: the download cache, $ADARESNET_DATA or ~/.cache/adaresnet_jax)")
+    dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset), a TFDS "
+                                 "image-classification name, or any name for an image folder given by --data-dir")
+    data_dir: str | None = _f(None, "an image folder (train/<class>/*.jpg and val/<class>/*.jpg), an .npz, a CIFAR "
+                                    "python archive/folder, or a TFDS data dir (none for cifar10/100: the download "
+                                    "cache, $ADARESNET_DATA or ~/.cache/adaresnet_jax)")
     val_split: float = _f(0.1, "fraction of the training set held out for validation (0: none)")
     max_train: int | None = _f(None, "keep only the first N training images (quick experiments)")
     max_test: int | None = _f(None, "keep only the first N test images (quick experiments)")

@@ -176,7 +176,7 @@ def open_data(cfg: Config, say: Callable[[str], None]) -> tuple[Dataset | Stream
     ``--resident-budget-mb``). Image folders and TFDS sets that go resident are decoded here, at
     ``image_size`` with the evaluation transform. Raises DataError (one line) for bad input."""
     from adaresnet_jax.data import load_dataset
-    from adaresnet_jax.data.sources import _channel_stats, validate
+    from adaresnet_jax.data.sources import channel_stats, validate
     from adaresnet_jax.data.streaming import decode_many, open_streaming
 
     kw = dict(val_split=cfg.val_split, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test)
@@ -208,6 +208,6 @@ def open_data(cfg: Config, say: Callable[[str], None]) -> tuple[Dataset | Stream
     if bad:
         say(f"train.py: warning: {bad} images of {cfg.dataset} could not be decoded and were left out")
     ds = Dataset(cfg.dataset, *splits["train"], *splits["val"], *splits["test"], sd.num_classes,
-                 *_channel_stats(splits["train"][0]))
+                 *channel_stats(splits["train"][0]))
     validate(ds)
     return ds, sd.classes

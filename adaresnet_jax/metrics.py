@@ -120,6 +120,14 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for fig, name in ((curves_figure(rows), "curves.png"), (skip_weights_figure(rows), "skip_weights.png")):
+        fig.tight_layout(); fig.savefig(out / name, dpi=100); plt.close(fig)
+
+
+def curves_figure(rows: list[dict[str, Any]]) -> Any:
+    """The figure of curves.png: loss (log axis, so a blow-up leaves the rest readable) and accuracy per epoch."""
+    import matplotlib.pyplot as plt
+
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "acc")):
@@ -128,15 +136,26 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> None:
             if any(y is not None for y in ys):
                 ax.plot(ep, [np.nan if y is None else y for y in ys], marker=".", label=split)
         ax.set_xlabel("epoch"); ax.set_ylabel(metric); ax.grid(alpha=0.3); ax.legend()
-    fig.tight_layout(); fig.savefig(out / "curves.png", dpi=100); plt.close(fig)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss (log scale)")
+    return fig
 
+
+def skip_weights_figure(rows: list[dict[str, Any]]) -> Any:
+    """The figure of skip_weights.png: one line per block, coloured from a colormap sampled at as many points
+    as there are blocks (distinct colours for up to 256 blocks; matplotlib's default cycle repeats after 10)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(rows[-1]["skip_weights"])
-    for name in names:
+    colours = matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, max(len(names), 1)))
+    for name, colour in zip(names, colours):
         ys = [np.mean(r["skip_weights"].get(name, np.nan)) for r in rows]
-        ax.plot(ep, ys, marker=".", label=name)
+        ax.plot(ep, ys, marker=".", label=name, color=colour)
     ax.set_xlabel("epoch"); ax.set_ylabel("skip weight (mean over channels)"); ax.grid(alpha=0.3)
     ax.set_title("skip weights per block" if names else "no skip weights (skip=identity)")
     if names:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout(); fig.savefig(out / "skip_weights.png", dpi=100); plt.close(fig)
+    return fig

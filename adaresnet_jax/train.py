@@ -10,7 +10,7 @@ every --checkpoint-every-steps and after --checkpoint-every-minutes; each defaul
 A row that only logs is fetched one step late, so the host never waits for the device there.
 Outputs, checkpoints and resume: see :mod:`adaresnet_jax.metrics` and :mod:`adaresnet_jax.checkpoint`.
 
-Exit codes of ``main``: 0 finished (or stopped by SIGTERM after saving a checkpoint), 1 the loss
+Exit codes of ``main``: 0 finished (or stopped by SIGTERM or SIGINT after saving a checkpoint), 1 the loss
 became non-finite (nothing saved from the bad state) or a multi-process run failed, 2 bad input (one
 line on stderr, before any compile and before the workdir is touched) or a workdir whose every
 checkpoint is corrupt (each is reported, by path, on its own
@@ -18,7 +18,8 @@ warning line and moved to ``<workdir>/corrupt_checkpoints/``; a corrupt newest s
 the previous good one). A run killed at any point (SIGKILL, preemption) resumes from its newest
 complete checkpoint when the same command is rerun; a checkpoint saved on another device count is
 restored onto the current devices, and the run says so. 3: the run had not stopped within
---stop-timeout seconds of a SIGTERM, or a second SIGTERM came (see :mod:`adaresnet_jax.stopping`).
+--stop-timeout seconds of a SIGTERM, or a second SIGTERM came (see :mod:`adaresnet_jax.stopping`; SIGINT,
+Ctrl-C, counts as SIGTERM there). 130: SIGINT before or after the training loop (one line, nothing saved).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaresnet_jax import checkpoint as ckpt_lib
+from adaresnet_jax import runconfig
 from adaresnet_jax.config import RESUME_SAFE_FIELDS, TOTAL_STEP_SCHEDULES, Config, parse_config
 from adaresnet_jax.data import DataError, Dataset, fetch
 from adaresnet_jax.data.streaming import StreamingData, inspect
@@ -113,7 +115,7 @@ def run(cfg: Config) -> dict[str, Any]:
     wall0 = time.perf_counter()
     _init_distributed(cfg)
     workdir = Path(cfg.workdir)
-    saved = ckpt_lib.load_config(workdir)
+    saved = runconfig.load_config(workdir)
     if cfg.eval_only and saved is not None:
         # --eval-only uses the run's own config; only the harmless flags come from the command line, and
         # the run's own data location unless --data-dir names another.
@@ -122,8 +124,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.eval_only and not any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"--eval-only: workdir '{workdir}' has no checkpoints")
     try:
-        resuming = ckpt_lib.check_workdir(workdir, cfg)
-    except ckpt_lib.IncompatibleWorkdir as e:
+        resuming = runconfig.check_workdir(workdir, cfg)
+    except runconfig.IncompatibleWorkdir as e:
         raise UsageError(str(e)) from None
     if not resuming and any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"workdir '{workdir}' holds checkpoints but no config.json: use another --workdir")
@@ -136,6 +138,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
     if bs > n_train:
         raise UsageError(f"batch_size {bs} exceeds the {n_train} training images: lower --batch-size")
+    _check_splits(cfg, ds, n_train, n_val)
     if streaming and not cfg.drop_last:
         raise UsageError("--no-drop-last is not supported by the streaming input path: drop it (or --input resident)")
     size = cfg.image_size or 224
@@ -190,7 +193,7 @@ def run(cfg: Config) -> dict[str, Any]:
             if proc0:  # the initial skip weights: the trajectories' epoch 0 (summary.json "skip_weights_init")
                 init = skip_values(jax.device_get(skip_weights(state["params"])))
                 (workdir / "skip_weights_init.json").write_text(json.dumps(init) + "\n")
-        ckpt_lib.write_config(workdir, cfg)
+        runconfig.write_config(workdir, cfg)
         if classes is not None and proc0:
             (workdir / "classes.json").write_text(json.dumps(list(classes)) + "\n")  # label i is classes[i]
         if streaming:
@@ -207,6 +210,27 @@ def run(cfg: Config) -> dict[str, Any]:
         if inputs is not None:
             inputs.close()
         ckpts.close()
+
+
+MIN_VAL_IMAGES = 100  # with fewer (and fewer than a batch), one image moves the validation accuracy by over 1 point
+
+
+def _check_splits(cfg: Config, ds: Dataset | StreamingData, n_train: int, n_val: int) -> None:
+    """Refuses (UsageError, one line) a training set of one class, and a validation split too small to select a
+    model by: fewer than MIN_VAL_IMAGES images and fewer than one batch. Refused rather than enlarged: taking
+    more images from the training set than --val-split says would change what the run trains on."""
+    labels = ds.train_records.labels[ds.train_idx] if isinstance(ds, StreamingData) and hasattr(
+        ds.train_records, "labels") else (None if isinstance(ds, StreamingData) else ds.y_train)
+    if ds.num_classes < 2 or (labels is not None and np.unique(labels).size < 2):
+        raise UsageError(f"the training set of {cfg.dataset} has one class: a classifier needs at least 2 (an image "
+                         "folder needs one folder per class: train/<class>/*.jpg and val/<class>/*.jpg)")
+    need = min(MIN_VAL_IMAGES, cfg.batch_size)
+    if 0 < n_val < need:
+        total = n_val / cfg.val_split  # the training images before the split
+        fix = (f"raise --val-split to at least {need / total:.2g}, or " if need < total / 2 else "") + \
+            "pass --val-split 0 (no validation split; the test split is still evaluated)"
+        raise UsageError(f"--val-split {cfg.val_split:g} holds out {n_val} of about {total:.0f} training images: too "
+                         f"few for a validation accuracy to mean anything (at least {need}): {fix}")
 
 
 def _say(enabled: bool, msg: str) -> None:
@@ -372,8 +396,13 @@ def _train(c: _Context, state: State, start_step: int, wall0: float) -> dict[str
             if stopping and step < end_step:
                 c.ckpts.wait()
                 where = f"end of epoch {epoch + 1}" if step % spe == 0 else f"epoch {epoch + 1}, mid-epoch"
-                who = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
-                _say(True, f"{who}received SIGTERM: saved a checkpoint at step {step} ({where}) in {cfg.workdir}; "
+                if jax.process_count() == 1:
+                    why = f"received {stop.received}"
+                else:  # only the process(es) the signal reached know it; every process stops at this step
+                    me = f"process {jax.process_index()} of {jax.process_count()}"
+                    why = (f"{me} received {stop.received}" if stop.received else
+                           f"{me}: another process received SIGTERM or SIGINT") + f"; all processes stop at step {step}"
+                _say(True, f"{why}: saved a checkpoint at step {step} ({where}) in {cfg.workdir}; "
                      "rerun the same command to resume")
                 log.close()
                 return {"interrupted": True, "step": step}
@@ -479,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT stops like SIGTERM)
+        code, msg = 130, "interrupted (SIGINT) outside the training loop: no checkpoint was saved for it"
     except UsageError as e:
         code, msg = 2, str(e)
     except NonFiniteLoss as e:

@@ -203,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "train step uses (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help=f"models {', '.join(QUICK_MODELS)}, batch 32, 3 steps")
     p.add_argument("--no-peak", action="store_true", help="skip the peak matmul (MFU is then not reported)")
-    p.add_argument("--out", default=None, help="JSON file with every raw timing (default: benchmarks/results/throughput-<backend>-<date>.json)")
+    p.add_argument("--out", default=None, help="JSON file for the report with every raw timing (default: none written)")
     a = p.parse_args(argv)
     if a.quick and a.models == ",".join(DEFAULT_MODELS):
         a.models = ",".join(QUICK_MODELS)
@@ -274,15 +274,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 first_impl = f"{skip}/{a.conv_impls[0]}"
                 row[f"train_ratio_vs_{a.conv_impls[0]}"] = ratio(train[key], train[first_impl])
                 report["results"].append(row)
-            print(table([r for r in report["results"] if r["model"] == name and r["batch"] == batch], base,
-                        a.conv_impls[0]), flush=True)
-    out = Path(a.out) if a.out else (Path(__file__).parent / "results" /
-                                     f"throughput-{backend}-{a.dtype}-{report['date'][:10]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
+            print(f"throughput.py: {name} at batch {batch} timed", file=sys.stderr, flush=True)  # progress only
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=1, default=str))
     print(f"\n{report['device_kind']} x{a.devices} ({backend}), {a.dtype}, jax {report['versions']['jax']}, "
-          f"peak {peak / 1e12 if peak else float('nan'):.3g} TFLOP/s (matmul); raw timings: {out}")
-    print(table(report["results"], base, a.conv_impls[0]))
+          f"peak {peak / 1e12 if peak else float('nan'):.3g} TFLOP/s (matmul); raw timings: "
+          f"{a.out or 'not kept (pass --out FILE)'}")
+    print(table(report["results"], base, a.conv_impls[0]))  # the one table, every row once
     return report
 
 

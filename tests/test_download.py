@@ -237,8 +237,15 @@ def test_cli_download(archive: tuple[bytes, np.ndarray], tmp_path: Path) -> None
     bad = run_cli("download", "cifar10", "--dir", str(tmp_path / "e"), mirror=url)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == (f"error: cannot download cifar10 from {url}{FILE} (connection refused): place {FILE} "
-                          f"(MD5 {REAL_MD5}) at {tmp_path / 'e' / FILE} by hand, or pass --data-dir\n")
+                          f"(MD5 {REAL_MD5}) at {tmp_path / 'e' / FILE} by hand, or pass --dir the folder that holds it\n")
     assert list((tmp_path / "e").iterdir()) == []
+
+
+def test_cli_download_without_a_name_lists_the_names() -> None:
+    out = run_cli("download", mirror="http://127.0.0.1:9/")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("error: name the data set to download: one of cifar10, cifar100 "
+                          "(python -m adaresnet_jax.data download cifar10)\n"), out.stderr
 
 
 # ----------------------------------------------------------------------------- train.py

@@ -234,33 +234,80 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "summary.json").read_text() == summary and final_params(tmp_path / "b")[0] == 16
 
 
+def _faulty_train(flags: list[str], wd: Path, **faults: str) -> subprocess.Popen:
+    """train.py with faults injected from outside the package (tests/faulty_train.py), in a subprocess."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir, **faults}
+    return subprocess.Popen([sys.executable, "tests/faulty_train.py", *flags, "--workdir", str(wd)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_file(proc: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout} s"
+        time.sleep(0.02)
+
+
 def test_sigterm_saves_and_resume_matches(tmp_path: Path) -> None:
+    """The run holds after saving step 16 until SIGTERM has reached it (FAULT_PAUSE: no race with the run's
+    end), so it stops at exactly step 17 with a checkpoint there; the same command resumes and ends
+    bit-equal to an uninterrupted run."""
     flags = TINY + ["--augment", "--schedule", "cosine", "--epochs", "15", "--batch-size", "8",
                     "--max-train", "128", "--seed", "2"]
-    wd = tmp_path / "run"
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
-    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--workdir", str(wd)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wd, marker = tmp_path / "run", tmp_path / "paused"
+    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}")
     try:
-        deadline = time.monotonic() + 240
-        while not any(p.name.isdigit() for p in (wd / "checkpoints").glob("*")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+        _wait_for_file(proc, marker)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "SIGTERM" in err and "rerun the same command" in err
+    assert "received SIGTERM: saved a checkpoint at step 17 " in err and "rerun the same command" in err
     step, _ = final_params(wd)
-    assert 0 < step < 15 * 16, "the run should have been stopped early"
+    assert step == 17
     assert T.main(flags + ["--workdir", str(wd)]) == 0  # the same command resumes and completes
     assert T.main(flags + ["--workdir", str(tmp_path / "ref")]) == 0
     (s1, p1), (s2, p2) = final_params(wd), final_params(tmp_path / "ref")
     assert s1 == s2 == 15 * 16
     assert_trees_equal(p1, p2)
+
+
+def test_sigint_stops_like_sigterm(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) during training: the first saves a checkpoint at the next step, keeps it (the write in
+    progress is finished) and exits 0 with one line, no traceback; a second one, while the stop's save is
+    held (FAULT_COMMIT_DELAY), exits at once with code 3."""
+    flags = TINY + ["--epochs", "15", "--batch-size", "8", "--max-train", "128"]
+    wd, marker = tmp_path / "once", tmp_path / "paused"
+    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}")
+    try:
+        _wait_for_file(proc, marker)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("received SIGINT: saved a checkpoint at step 17 "), err
+    assert final_params(wd)[0] == 17 and not list((wd / "checkpoints").glob("*tmp*"))
+
+    wd, seen = tmp_path / "twice", tmp_path / "seen"
+    marker.unlink()
+    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}", FAULT_COMMIT_DELAY="17:300",
+                         FAULT_SIGNAL_SEEN=str(seen))
+    try:
+        _wait_for_file(proc, marker)
+        proc.send_signal(signal.SIGINT)
+        _wait_for_file(proc, seen)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3 and "Traceback" not in err, err
+    assert "a second SIGINT arrived before the run had stopped" in err.strip().splitlines()[-1], err
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,6 +1,7 @@
 """``python -m adaresnet_jax.data download cifar10 [--dir D]``: fetch a data set ahead of a (cluster) job.
 
-Prints the archive's path on stdout. Exit codes: 0 done, 2 an error (one line ``error: ...`` on stderr).
+Prints the archive's path on stdout. Exit codes: 0 done, 2 an error (one line ``error: ...`` on stderr;
+without a name, that line lists the names there are).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from adaresnet_jax.data.download import ARCHIVES, CACHE_ENV, MIRROR_ENV, fetch
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     download = commands.add_parser(
         "download", help="download a CIFAR python archive (verified by MD5) and print its path",
         epilog=f"The base URL is ${MIRROR_ENV} if set (an internal mirror), else the official site.")
-    download.add_argument("name", choices=sorted(ARCHIVES))
+    download.add_argument("name", nargs="?", choices=sorted(ARCHIVES), help=f"one of {', '.join(sorted(ARCHIVES))}")
     download.add_argument("--dir", default=None,
                           help=f"folder to download into (default: ${CACHE_ENV}, else ~/.cache/adaresnet_jax)")
     args = parser.parse_args(argv)
+    if args.name is None:
+        parser.error(f"name the data set to download: one of {', '.join(sorted(ARCHIVES))} "
+                     f"(python -m adaresnet_jax.data download {sorted(ARCHIVES)[0]})")
     try:
-        path = fetch(args.name, args.dir)
+        path = fetch(args.name, args.dir, or_else="or pass --dir the folder that holds it")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

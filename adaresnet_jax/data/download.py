@@ -29,7 +29,7 @@ from typing import IO, NamedTuple
 
 from tqdm import tqdm
 
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 CACHE_ENV = "ADARESNET_DATA"
 MIRROR_ENV = "ADARESNET_DATA_MIRROR"
@@ -68,14 +68,16 @@ def archive_url(name: str) -> str:
 
 
 def fetch(name: str, directory: str | os.PathLike[str] | None = None, *, url: str | None = None,
-          md5: str | None = None, progress: bool | None = None, timeout: float = 60.0) -> Path:
+          md5: str | None = None, progress: bool | None = None, timeout: float = 60.0,
+          or_else: str = "or pass --data-dir") -> Path:
     """The path of archive `name` ("cifar10" or "cifar100") in `directory` (default :func:`cache_dir`).
 
     An existing file there is returned as is (only a verified download is ever put at that path).
     Otherwise it is downloaded from `url` (default :func:`archive_url`) and checked against `md5` (default
     the official one). `progress`: None shows a tqdm bar when stderr is a terminal, else one line at the
     start and one at the end; True always the bar; False nothing. `timeout` (s) bounds the connection and
-    every read. Raises DownloadError (one line; nothing left behind) when anything fails.
+    every read. Raises DownloadError (one line; nothing left behind) when anything fails; its advice ends with
+    ``or_else``, the calling command's own way round (train.py's default: ``--data-dir``).
     """
     archive = _archive(name)
     folder = Path(directory).expanduser() if directory is not None else cache_dir()
@@ -97,7 +99,7 @@ def fetch(name: str, directory: str | os.PathLike[str] | None = None, *, url: st
         tmp = None
     except (OSError, HTTPException, ValueError) as e:
         raise DownloadError(f"cannot download {name} from {url} ({_why(e, timeout)}): place {archive.filename} "
-                            f"(MD5 {md5}) at {target} by hand, or pass --data-dir") from e
+                            f"(MD5 {md5}) at {target} by hand, {or_else}") from e
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EVAL_FOLDERS = ("val", "validation", "test")
@@ -53,6 +53,25 @@ def is_image_folder(path: Path) -> bool:
     """Whether ``path`` has the layout ``train/<class>/`` (at least one class folder)."""
     train = path / "train"
     return train.is_dir() and any(p.is_dir() for p in train.iterdir())
+
+
+LAYOUT = "an image folder (train/<class>/*.jpg and val/<class>/*.jpg), a TFDS data dir, a CIFAR archive or an .npz"
+
+
+def check_data_dir(path: Path) -> None:
+    """Raises DataError (one line naming the expected layout) for a ``--data-dir`` that does not exist, or that
+    is one split of an image folder, or a folder of images, rather than the folder holding train/ and val/."""
+    if not path.exists():
+        raise DataError(f"data_dir '{path}' does not exist: pass {LAYOUT}")
+    if not path.is_dir() or is_image_folder(path):
+        return
+    subdirs = [p for p in path.iterdir() if p.is_dir()]
+    has_images = lambda d: any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir() if f.is_file())  # noqa: E731
+    if has_images(path) or any(has_images(d) for d in subdirs[:20]):
+        parent = path.parent if path.name in ("train", *EVAL_FOLDERS) else path
+        raise DataError(f"data_dir '{path}' holds images but not as an image folder: pass the folder that holds "
+                        f"train/<class>/*.jpg and val/<class>/*.jpg (here, expected {parent / 'train'} and "
+                        f"{parent / 'val'})")
 
 
 def _files(split_dir: Path, classes: list[str], where: str) -> tuple[list[str], list[int]]:

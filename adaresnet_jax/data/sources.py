@@ -25,6 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from adaresnet_jax.data.download import fetch
+from adaresnet_jax.data.errors import DataError
+
 DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 20240901  # fixed: the digits test split never depends on `seed`
 _KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -35,10 +38,6 @@ _CIFAR = {
                 tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels"),
     "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ("train",), ("test",), b"fine_labels"),
 }
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message says what was wrong and what to do."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -143,7 +142,7 @@ def validate(ds: Dataset) -> None:
         raise DataError(f"mean/std have {len(ds.mean)}/{len(ds.std)} entries for {c} channels: one per channel")
 
 
-def _channel_stats(x: np.ndarray, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: np.ndarray, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 NHWC images in [0, 1] units (std floored at 1/255)."""
     s = np.zeros(x.shape[-1]); ss = np.zeros(x.shape[-1])
     for i in range(0, len(x), chunk):
@@ -181,7 +180,7 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     xva, yva = xtr[val_idx], ytr[val_idx]
     xtr, ytr = xtr[train_idx][:max_train], ytr[train_idx][:max_train]
     xte, yte = xte[:max_test], yte[:max_test]
-    mean, std = _channel_stats(xtr)
+    mean, std = channel_stats(xtr)
     return Dataset(name, xtr, ytr.astype(np.int32), xva, yva.astype(np.int32), xte, yte.astype(np.int32),
                    int(num_classes), mean, std)
 
@@ -372,8 +371,6 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_split: float = 0
             raise DataError(f"dataset '{name}' needs data_dir = an .npz file with x_train/y_train/x_test/y_test")
         return from_arrays(name, *_load_npz(path), num_classes=_KNOWN_CLASSES.get(name), **kwargs)
     if name in _CIFAR and path is None:  # the official archive, downloaded once into download.cache_dir()
-        from adaresnet_jax.data.download import fetch  # not at the top: download.py imports this module
-
         path = fetch(name)
     if name in _CIFAR and path is not None and (src := _find_cifar(path, name)) is not None:
         return from_arrays(name, *_load_cifar(src, name), num_classes=_KNOWN_CLASSES[name], **kwargs)

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from adaresnet_jax.data import images as img
-from adaresnet_jax.data.folder import is_image_folder, scan
-from adaresnet_jax.data.sources import DataError, _channel_stats, open_tfds
+from adaresnet_jax.data.folder import check_data_dir, is_image_folder, scan
+from adaresnet_jax.data.errors import DataError
+from adaresnet_jax.data.sources import channel_stats, open_tfds
 
 RESIDENT_ONLY = ("digits", "npz", "cifar10", "cifar100")  # names that are read into memory by sources.py
 CHUNK = 64  # most images one grain element (one worker's unit of work) holds
@@ -102,6 +103,8 @@ def open_streaming(name: str, data_dir: str | None, *, val_split: float = 0.0, s
     """The data set as a :class:`StreamingData`: an image folder when ``data_dir`` has ``train/<class>/``,
     else a TFDS name; None for the in-memory sources (digits, npz, cifar10/100 archives, any file)."""
     path = Path(data_dir).expanduser() if data_dir is not None else None
+    if path is not None:
+        check_data_dir(path)
     if path is not None and path.is_dir() and is_image_folder(path):
         train, test, classes = scan(path)
         kind, shape = "folder", None
@@ -392,7 +395,7 @@ def inspect(sd: StreamingData, size: int, crop: float, seed: int, max_bad: float
         idx = np.sort(np.random.default_rng([seed, 3]).choice(idx, SAMPLE, replace=False))
     x, _, bad = decode_many(sd.train_records, idx, size, crop)
     check_bad(sd, len(bad), len(idx), max_bad, bad[:1], what=f"of {len(idx)} training images sampled")
-    return _channel_stats(x)
+    return channel_stats(x)
 
 
 def check_bad(sd: StreamingData, bad: int, seen: int, max_bad: float, examples: list[int], what: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from adaresnet_jax.data.sources import DataError
+from adaresnet_jax.data.errors import DataError
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32) -> jax.Array:
