@@ -493,3 +493,15 @@ def test_slice_max_pool_tied_window_gives_all_to_first():
     want = np.zeros((1, 4, 4, 1), np.float32)
     want[0, 0, 0, 0] = 1.0  # one 3x3/2 window on a 4x4 map (VALID): output (0, 0) reads rows and columns 0-2
     assert np.array_equal(g, want)
+
+
+def test_the_trainer_chooses_for_its_devices():
+    """train.py's model overrides follow the devices they are given, not the host: the CPU fast path on
+    one CPU device, xla and bfloat16 (--dtype auto) for TPU devices, a CPU algorithm for TPU refused."""
+    from adaresnet_jax.config import parse_config
+
+    assert parse_config([]).model_overrides(jax.devices()[:1])["conv_impl"] == "tuned_single_device"
+    tpu = parse_config(["--dtype", "auto"]).model_overrides([_Device("tpu")] * 4)
+    assert tpu["conv_impl"] == "xla" and tpu["dtype"] == jnp.bfloat16
+    with pytest.raises(ValueError, match="CPU algorithm"):
+        parse_config(["--conv-impl", "hybrid"]).model_overrides([_Device("tpu")])
