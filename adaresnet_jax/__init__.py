@@ -3,8 +3,10 @@
 >>> import adaresnet_jax as ar
 >>> model = ar.create_model("paper", num_classes=10)            # AdaResNet, the seed's network
 >>> baseline = ar.create_model("paper", num_classes=10, skip="identity")
+>>> fast_on_cpu = ar.create_model("paper", num_classes=10, conv_impl=ar.conv_impl_for(jax.devices()))
 """
 
+from adaresnet_jax.conv import compute_dtype_for, conv_impl_for
 from adaresnet_jax.models import (
     MODEL_NAMES,
     SKIP_RULES,
@@ -30,6 +32,8 @@ __all__ = [
     "ResNet",
     "ReZeroSkip",
     "WeightedSkip",
+    "compute_dtype_for",
+    "conv_impl_for",
     "create_model",
     "skip_module",
     "skip_weights",

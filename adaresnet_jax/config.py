@@ -30,7 +30,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step", "onecycle"]
 DType = Literal["float32", "bfloat16", "auto"]
 InputPath = Literal["auto", "resident", "streaming"]
-ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid", "tuned"]
+ConvImpl = Literal["auto", "xla", "slice_dot", "hybrid", "tuned", "tuned_single_device"]
 EvalFrom = Literal["latest", "best"]
 
 # Fields that may differ between a run and its resumption (they do not change the trained model).
@@ -65,7 +65,8 @@ class Config:
                                                 "'normal' (Keras' RandomNormal(0.05), the seed script's variant)")
     skip_per_channel: bool = _f(False, "one skip weight per channel instead of one per block")
     width: int | None = _f(None, "width of the first stage (num_filters); none: the network's own")
-    conv_impl: ConvImpl = _f("auto", "convolution implementation (auto: tuned on CPU, xla elsewhere; see adaresnet_jax.conv)")
+    conv_impl: ConvImpl = _f("auto", "convolution implementation for the mesh's devices (auto: tuned on CPU devices, "
+                                     "xla on GPU/TPU; the CPU ones are refused there; see adaresnet_jax.conv.conv_impl_for)")
     dtype: DType = _f("float32", "compute dtype; parameters stay float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     # data
     dataset: str = _f("cifar10", "digits, npz, cifar10, cifar100 (downloaded when --data-dir is unset), a TFDS "
@@ -161,19 +162,28 @@ class Config:
 
     @property
     def compute_dtype(self) -> str:
-        """``dtype`` with "auto" resolved: bfloat16 where JAX's default backend is a GPU or TPU, else float32."""
-        if self.dtype != "auto":
-            return self.dtype
+        """``dtype`` with "auto" resolved for this process's devices (``compute_dtype_for(jax.devices())``)."""
         import jax
 
-        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        return self.compute_dtype_for(jax.devices())
 
-    def model_overrides(self) -> dict[str, Any]:
-        """Keyword overrides for :func:`adaresnet_jax.models.create_model` (besides name/classes/skip)."""
+    def compute_dtype_for(self, devices: Any) -> str:
+        """``dtype`` with "auto" resolved for ``devices`` (a Mesh or jax.Device list): float32 on CPU, else bfloat16."""
+        from adaresnet_jax.conv import compute_dtype_for
+
+        return compute_dtype_for(devices, self.dtype)
+
+    def model_overrides(self, devices: Any = None) -> dict[str, Any]:
+        """Keyword overrides for :func:`adaresnet_jax.models.create_model` (besides name/classes/skip), with
+        ``conv_impl`` and the compute dtype resolved for ``devices`` (a Mesh or devices; none: ``jax.devices()``)."""
+        import jax
         import jax.numpy as jnp
 
-        out: dict[str, Any] = {"conv_impl": self.conv_impl, "param_dtype": jnp.float32,
-                               "dtype": jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32}
+        from adaresnet_jax.conv import conv_impl_for
+
+        devices = jax.devices() if devices is None else devices
+        out: dict[str, Any] = {"conv_impl": conv_impl_for(devices, self.conv_impl), "param_dtype": jnp.float32,
+                               "dtype": jnp.bfloat16 if self.compute_dtype_for(devices) == "bfloat16" else jnp.float32}
         if self.width is not None:
             out["num_filters"] = self.width
         if self.skip_init is not None:

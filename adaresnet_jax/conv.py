@@ -18,6 +18,13 @@ shape on CPU (:func:`plan`): XLA's convolution, slice-and-dot, Winograd F(2x2, 3
 chunks or the "shifted" product of few-channel 3x3 layers (:func:`shifted_kernel_grad`). XLA's own
 kernel gradient is the slow part of a CPU train step (2-5x its forward pass). :func:`slice_max_pool`
 and :func:`block_input` go with it: the network's other two CPU-specific pieces under ``"tuned"``.
+
+None of this is the default: a :class:`~adaresnet_jax.models.ResNet` computes with ``lax.conv`` and
+``nn.max_pool`` (``conv_impl="xla"``), so ``jvp``, ``hessian`` and ``jax.export`` for any platform work on it.
+The CPU algorithms are a choice made for the devices a step is compiled for: :func:`conv_impl_for` (used by
+the trainer and the benchmarks with their mesh), or ``create_model(..., conv_impl=...)`` by hand.
+``"tuned_single_device"`` is ``"tuned"`` plus what only pays on one device: optimization barriers that
+stop XLA recomputing skip-add chains, and cache-sized batch chunks (``lax.scan``).
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from jax import lax
 
 from adaresnet_jax import winograd
 
-CONV_IMPLS = ("xla", "slice_dot", "hybrid", "tuned")
+CONV_IMPLS = ("xla", "slice_dot", "hybrid", "tuned", "tuned_single_device")
+CPU_IMPLS = CONV_IMPLS[1:]  # the CPU algorithms: only for CPU devices (conv_impl_for)
 # hybrid: slice_dot where the output map has at most this many positions, XLA elsewhere.
 HYBRID_MAX_POSITIONS = 16
 
@@ -196,7 +204,7 @@ def winograd_applies(x_shape: Sequence[int], w_shape: Sequence[int], strides: Se
 
 
 def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
-         pads: Sequence[tuple[int, int]], dtype: Any = jnp.float32) -> Plan:
+         pads: Sequence[tuple[int, int]], dtype: Any = jnp.float32, single_device: bool = False) -> Plan:
     """The measured choice for one NHWC/HWIO convolution on CPU (benchmarks/conv_profile.py, benchmarks/README.md).
 
     - forward and input gradient: Winograd for stride-1 3x3 layers with at least WINOGRAD_MIN_CHANNELS
@@ -208,8 +216,8 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
       there on resnet56's layers); Winograd for every other stride-1 3x3 layer on a map of 2x2 or more (F(4x4, 3x3) from 4x4
       up), chunked im2col products for every other layer (XLA's own kernel gradient takes 2-5x as long).
 
-    Chunks (cache-sized ``lax.scan``) only on a single device: a scan over a batch that is sharded over
-    devices would gather it.
+    Chunks (cache-sized ``lax.scan``) and the "shifted" kernel gradient only with ``single_device`` (the
+    caller knows where the step runs): a scan over a batch that is sharded over devices would gather it.
     """
     cin, cout = x_shape[3], w_shape[3]
     oh, ow = _conv_out(x_shape, w_shape, strides, pads)
@@ -220,7 +228,7 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
         direct = winograd_m
     else:
         direct = "slice_dot" if positions <= HYBRID_MAX_POSITIONS else "xla"
-    chunked = _single_device()
+    chunked = single_device
     if wino and chunked and positions >= SHIFTED_MIN_POSITIONS and max(cin, cout) <= SHIFTED_MAX_CHANNELS:
         kernel = "shifted"
     else:
@@ -353,12 +361,13 @@ _tuned.defvjp(_tuned_fwd, _tuned_bwd)
 
 
 def tuned_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-               padding: str | Sequence[tuple[int, int]], **kwargs: Any) -> jax.Array:
+               padding: str | Sequence[tuple[int, int]], *, single_device: bool = False, **kwargs: Any) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated``: each pass of each convolution by the algorithm ``plan`` picks.
 
     Fast path: NHWC/HWIO 2-D convolutions without dilation or groups, non-negative padding, no
     ``precision``/``preferred_element_type``; anything else is ``hybrid_conv``. Values and gradients equal
     ``lax.conv_general_dilated``'s up to float32 round-off (Winograd: relative error ~1e-6 for F(2x2, 3x3), ~5e-6 for F(4x4, 3x3)).
+    ``single_device``: the step runs on one device, so batch chunks and barriers may be used (see ``plan``).
     """
     dn = kwargs.get("dimension_numbers")
     plain = all(kwargs.get(k) in (None, 1, (1, 1)) for k in
@@ -375,11 +384,11 @@ def tuned_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     if min(min(p) for p in pads) < 0 or min(_conv_out(lhs.shape, rhs.shape, strides, pads)) <= 0:
         return hybrid_conv(lhs, rhs, window_strides, padding, **kwargs)
-    return _tuned(lhs, rhs, strides, pads, plan(lhs.shape, rhs.shape, strides, pads, lhs.dtype))
+    return _tuned(lhs, rhs, strides, pads, plan(lhs.shape, rhs.shape, strides, pads, lhs.dtype, single_device))
 
 
 def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
-                   padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+                   padding: str | Sequence[tuple[int, int]], single_device: bool = False) -> jax.Array:
     """``flax.linen.max_pool`` on an NHWC batch as the maximum of one strided slice per window tap.
 
     The same values and the same gradient as ``nn.max_pool``, ties included: each output's gradient goes
@@ -389,13 +398,14 @@ def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
     through the chain of maxima re-derives every comparison for every tap, and XLA's fusion of that on
     CPU can cost 5x as much. On CPU its forward and backward take a fifth of the time of XLA's
     ``reduce_window`` / ``select_and_scatter`` (3x3/2 on the 16x16x64 maps of the ImageNet stem at 32x32,
-    batch 128).
+    batch 128). ``single_device``: the backward pass's inputs behind an ``optimization_barrier`` (as
+    :func:`block_input`).
     """
     n, h, w, c = x.shape
     (kh, kw), (sh, sw) = tuple(window), tuple(strides)
     pads = lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding) if isinstance(padding, str) else padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return _max_pool(x, (kh, kw), (sh, sw), pads)
+    return _max_pool(x, (kh, kw), (sh, sw), pads, bool(single_device))
 
 
 def _pool_taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> list[jax.Array]:
@@ -408,13 +418,13 @@ def _pool_taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], 
             for i in range(kh) for j in range(kw)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads, barrier: bool) -> jax.Array:
     return functools.reduce(jnp.maximum, _pool_taps(x, window, strides, pads))
 
 
 def _max_pool_fwd(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                  pads: Pads) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                  pads: Pads, barrier: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     taps = _pool_taps(x, window, strides, pads)
     y = functools.reduce(jnp.maximum, taps)
     index = jnp.int8 if len(taps) <= 127 else jnp.int32
@@ -424,12 +434,12 @@ def _max_pool_fwd(x: jax.Array, window: tuple[int, int], strides: tuple[int, int
     return y, (first, jnp.zeros((0,) + x.shape[1:], x.dtype))  # the empty array carries x's shape and dtype
 
 
-def _max_pool_bwd(window: tuple[int, int], strides: tuple[int, int], pads: Pads,
+def _max_pool_bwd(window: tuple[int, int], strides: tuple[int, int], pads: Pads, barrier: bool,
                   res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
     first, like = res
     # computed once each: left to itself, XLA fuses both into the sum below and redoes them for every tap
     # (single device only, as block_input)
-    if _single_device():
+    if barrier:
         first, g = lax.optimization_barrier((first, g))
     h, w = like.shape[1:3]
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
@@ -451,26 +461,21 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def block_input(x: jax.Array, impl: str) -> jax.Array:
-    """A residual block's input, for the convolution implementation ``impl``: under ``"tuned"`` on a single
-    device an ``optimization_barrier``, so that XLA keeps it as the one buffer it has to be anyway (the
-    block's first convolution reads it). Otherwise XLA on CPU recomputes it wherever the skip path or a
-    ReLU's gradient needs it, and that recomputation recurses through the skip adds of every block before:
-    on resnet56 some of its fusions read a dozen feature maps to write one. Not over several devices:
-    there the barrier changed how XLA partitions the step (a 2-process run stopped matching the 4-device
-    one to 1e-5, tests/test_faults.py). Other implementations: ``x``."""
-    return lax.optimization_barrier(x) if impl == "tuned" and _single_device() else x
-
-
-def _single_device() -> bool:
-    """Whether the step runs on one device: the CPU-specific rewrites (chunks, barriers) are for that case."""
-    return jax.device_count() == 1
+    """A residual block's input, for the convolution implementation ``impl``: under ``"tuned_single_device"``
+    an ``optimization_barrier``, so that XLA keeps it as the one buffer it has to be anyway (the block's first
+    convolution reads it). Otherwise XLA on CPU recomputes it wherever the skip path or a ReLU's gradient
+    needs it, and that recomputation recurses through the skip adds of every block before: on resnet56 some
+    of its fusions read a dozen feature maps to write one. Not over several devices (``"tuned"``): there the
+    barrier changed how XLA partitions the step (a 2-process run stopped matching the 4-device one to 1e-5,
+    tests/test_faults.py). Other implementations: ``x``."""
+    return lax.optimization_barrier(x) if impl == "tuned_single_device" else x
 
 
 def max_pool_fn(impl: str) -> Callable[..., jax.Array]:
     """The max pooling that goes with the convolution implementation ``impl``: ``slice_max_pool`` for
-    ``"tuned"``, ``flax.linen.max_pool`` for the others."""
-    if impl == "tuned":
-        return slice_max_pool
+    ``"tuned"`` (with barriers for ``"tuned_single_device"``), ``flax.linen.max_pool`` for the others."""
+    if impl.startswith("tuned"):
+        return functools.partial(slice_max_pool, single_device=impl == "tuned_single_device")
     return nn.max_pool
 
 
@@ -479,16 +484,53 @@ ConvFn = Callable[..., jax.Array]
 
 def conv_fn(impl: str) -> ConvFn:
     """The ``conv_general_dilated`` implementation named ``impl`` (one of ``CONV_IMPLS``)."""
-    fns = {"xla": lax.conv_general_dilated, "slice_dot": slice_dot_conv, "hybrid": hybrid_conv, "tuned": tuned_conv}
+    fns = {"xla": lax.conv_general_dilated, "slice_dot": slice_dot_conv, "hybrid": hybrid_conv, "tuned": tuned_conv,
+           "tuned_single_device": functools.partial(tuned_conv, single_device=True)}
     if impl not in fns:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {CONV_IMPLS}")
     return fns[impl]
 
 
-def default_conv_impl(backend: str | None = None) -> str:
-    """The implementation ``conv_impl="auto"`` resolves to: measured per backend (benchmarks/README.md).
+Devices = Any  # a jax.sharding.Mesh or a sequence of jax.Device
 
-    CPU: ``"tuned"`` (1.0-1.5x ``"hybrid"``'s train step on the benchmark networks, ``benchmarks/vs_pytorch.py``);
-    other backends: ``"xla"`` until measured there.
+
+def device_list(devices: Devices) -> list[Any]:
+    """The devices of a ``Mesh`` (any shape) or of a sequence of devices, as a flat list."""
+    if isinstance(devices, jax.sharding.Mesh):
+        devices = devices.devices
+    devs = list(np.asarray(devices, dtype=object).reshape(-1))
+    if not devs:
+        raise ValueError("no devices given: pass a Mesh or a non-empty list of jax.Device")
+    return devs
+
+
+def conv_impl_for(devices: Devices, requested: str = "auto") -> str:
+    """The ``conv_impl`` for a step compiled for ``devices`` (a ``Mesh`` or a sequence of ``jax.Device``).
+
+    ``"auto"``: on CPU devices only, ``"tuned_single_device"`` for one device and ``"tuned"`` for several
+    (1.0-1.5x ``"hybrid"``'s train step on the benchmark networks, benchmarks/README.md); ``"xla"`` for
+    any other platform (TPU, GPU), where the CPU algorithms were never measured. ``"tuned"`` on a single
+    CPU device becomes ``"tuned_single_device"``, ``"tuned_single_device"`` on several becomes ``"tuned"``.
+    A CPU algorithm (``CPU_IMPLS``) asked for non-CPU devices is a ``ValueError``.
     """
-    return "tuned" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if requested not in ("auto", *CONV_IMPLS):
+        raise ValueError(f"unknown conv impl {requested!r}; choose auto or one of {', '.join(CONV_IMPLS)}")
+    devs = device_list(devices)
+    platforms = sorted({d.platform for d in devs})
+    on_cpu = platforms == ["cpu"]
+    if requested == "auto":
+        requested = "tuned" if on_cpu else "xla"
+    if requested in CPU_IMPLS and not on_cpu:
+        raise ValueError(f"conv impl {requested!r} is a CPU algorithm but the devices are {'/'.join(platforms)}: "
+                         "pass --conv-impl auto or xla (conv_impl='xla')")
+    if requested.startswith("tuned"):
+        requested = "tuned_single_device" if len(devs) == 1 else "tuned"
+    return requested
+
+
+def compute_dtype_for(devices: Devices, requested: str = "auto") -> str:
+    """``"auto"`` resolved for ``devices``: ``"float32"`` when every device is a CPU, ``"bfloat16"`` otherwise
+    (GPU, TPU); any other ``requested`` as it is."""
+    if requested != "auto":
+        return requested
+    return "float32" if all(d.platform == "cpu" for d in device_list(devices)) else "bfloat16"

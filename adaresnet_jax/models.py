@@ -11,14 +11,21 @@ zero-initialised. Here that is one field of one module, ``ResNet.skip``:
 ``x`` is the skip input after the shortcut (1x1 projection + BatchNorm, or zero padding) where the
 block changes shape. Which module a block gets, and its initial weight, is decided in one place:
 :func:`skip_module`. Inputs are NHWC. ``model.init(rng, x, train=False)`` returns
-``{"params", "batch_stats"}``; training applies with ``train=True, mutable=["batch_stats"]``.
+``{"params", "batch_stats"}``; training applies with ``train=True, mutable=["batch_stats"]``, evaluation
+with ``train=False`` (``train`` is keyword-only and required). ``features=True`` returns the pooled
+features and each stage's output instead of logits (backbone use, :meth:`ResNet.__call__`).
+
+The modules are plain Flax: ``lax.conv`` and ``nn.max_pool`` by default (``conv_impl="xla"``), no
+``custom_vjp``, no optimization barrier and nothing chosen from the host, so ``jax.jvp``, ``jax.hessian``,
+``jax.vmap`` and ``jax.export`` for any platform work on them. The CPU algorithms of
+:mod:`adaresnet_jax.conv` are an explicit ``conv_impl`` (see :func:`adaresnet_jax.conv.conv_impl_for`).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -193,7 +200,9 @@ class ResNet(nn.Module):
       kernel_init: conv kernel initialiser.
       head_init: kernel initialiser of the final Dense layer (its bias starts at zero).
       conv_bias: whether convolutions carry a bias.
-      conv_impl: ``"xla"``, ``"slice_dot"``, ``"hybrid"``, ``"tuned"`` or ``"auto"`` (see :mod:`adaresnet_jax.conv`).
+      conv_impl: ``"xla"`` (``lax.conv``, the default), or a CPU algorithm for CPU devices only:
+        ``"slice_dot"``, ``"hybrid"``, ``"tuned"``, ``"tuned_single_device"`` (see :mod:`adaresnet_jax.conv`;
+        ``conv_impl_for(mesh)`` picks one for the devices a step runs on).
       act: activation after every BN of the branch and after the add.
     """
 
@@ -216,21 +225,37 @@ class ResNet(nn.Module):
     kernel_init: Callable[..., jax.Array] = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     head_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()  # flax's Dense default
     conv_bias: bool = False
-    conv_impl: str = "auto"
+    conv_impl: str = "xla"
     act: Callable[[jax.Array], jax.Array] = nn.relu
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool | None = None,
+                 features: bool = False) -> jax.Array | dict[str, jax.Array]:
+        """Logits ``(N, num_classes)`` float32 of an NHWC batch ``x`` ``(N, H, W, C)``.
+
+        ``train`` (keyword, required): ``True`` uses batch statistics and updates ``batch_stats`` (apply
+        with ``mutable=["batch_stats"]``), ``False`` uses the running averages (evaluation).
+        ``features=True``: instead of logits, a dict of ``"stem"`` (the stem's output), ``"stage1"`` ...
+        ``"stageK"`` (each stage's output, ``(N, H_i, W_i, num_filters * 2**(i-1) * expansion)``) and
+        ``"pooled"`` (``(N, C_last)``, the global average the head reads: ``head(pooled)`` is the logits),
+        in the compute dtype. The head is not called then (initialised that way, the model has no head).
+        """
+        if train is None or not isinstance(train, bool):
+            raise TypeError(f"ResNet needs train=True or train=False, got {train!r}: pass train=True (training, "
+                            "with mutable=['batch_stats']) or train=False (evaluation)")
         _check_choice("skip rule", self.skip, SKIP_RULES)
         _check_num_classes(self.num_classes)
-        _check_choice("conv_impl", self.conv_impl, ("auto", *conv_lib.CONV_IMPLS))
+        if self.conv_impl == "auto":
+            raise ValueError("conv_impl='auto' depends on the devices: pass "
+                             "conv_impl=adaresnet_jax.conv.conv_impl_for(mesh_or_devices) or a name (default 'xla')")
+        _check_choice("conv_impl", self.conv_impl, conv_lib.CONV_IMPLS)
         if x.ndim != 4:
             raise ValueError(f"expected an NHWC batch of rank 4, got shape {tuple(x.shape)}: "
                              "add a batch axis (x[None]) or a channel axis (x[..., None])")
         if len(self.stage_strides) != len(self.stage_sizes):
             raise ValueError(f"stage_strides {tuple(self.stage_strides)} needs one stride per stage "
                              f"of stage_sizes {tuple(self.stage_sizes)}")
-        impl = conv_lib.default_conv_impl() if self.conv_impl == "auto" else self.conv_impl
+        impl = self.conv_impl
         conv = functools.partial(
             _conv, use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init, symmetric=self.padding == "symmetric",
@@ -248,6 +273,7 @@ class ResNet(nn.Module):
                 x = conv_lib.max_pool_fn(impl)(x, (3, 3), (2, 2), padding="SAME")
         else:
             x = self.act(norm(name="stem_bn")(conv(self.num_filters, (3, 3), name="stem_conv")(x)))
+        outputs = {"stem": x}
 
         make_skip = functools.partial(
             skip_module, self.skip, self.skip_init, downsample_init=self.downsample_skip_init,
@@ -259,8 +285,11 @@ class ResNet(nn.Module):
                     filters=self.num_filters * 2**i, strides=stride if j == 0 else 1, conv=conv,
                     norm=norm, act=self.act, make_skip=make_skip, shortcut=self.shortcut,
                     name=f"stage{i + 1}_block{j + 1}")(x)
+            outputs[f"stage{i + 1}"] = x
 
         x = jnp.mean(x, axis=(1, 2))
+        if features:
+            return {**outputs, "pooled": x}
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=self.head_init, name="head")(x)
         return jnp.asarray(x, jnp.float32)
@@ -326,18 +355,38 @@ def create_model(name: str, *, num_classes: int, skip: SkipRule = "learned", **o
 _BLOCK = re.compile(r"stage(\d+)_block(\d+)")
 
 
-def skip_weights(params: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The skip weights in network order, keyed ``"stage2/block1"``; empty for ``skip="identity"``.
+def skip_weights(params: Any) -> dict[str, jax.Array]:
+    """Every skip weight in ``params``, in network order, keyed by its block's path: ``"stage2/block1"``
+    for a top-level ResNet, ``"backbone/stage2/block1"`` for a ResNet at ``backbone`` inside another module.
+    Empty for ``skip="identity"``.
 
-    Accepts ``variables["params"]`` or the whole variables dict.
+    Accepts Linen variables (``variables`` or ``variables["params"]``, any nesting) and NNX state
+    (``nnx.state(model)`` of a module built with ``nnx.bridge.ToNNX``, or any nnx.State): the values are
+    arrays (``(1,)``, or ``(C,)`` with ``skip_per_channel``), not ``nnx.Param`` wrappers.
     """
-    params = params.get("params", params)
     found = []
-    for key, block in params.items():
-        m = _BLOCK.fullmatch(key)
-        if m and "skip" in block:
-            found.append(((int(m[1]), int(m[2])), block["skip"]["skip_weight"]))
-    return {f"stage{i}/block{j}": w for (i, j), w in sorted(found)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):  # nnx.Param: a path ending in .value
+        keys = [_key_name(k) for k in path]
+        if "skip_weight" not in keys:
+            continue
+        at = keys.index("skip_weight")
+        blocks = [n for n in range(at) if _BLOCK.fullmatch(keys[n])]
+        if not blocks or keys[blocks[-1] + 1:at] != ["skip"]:
+            continue
+        b = blocks[-1]
+        prefix = tuple(k for k in keys[:b] if k != "params")
+        m = _BLOCK.fullmatch(keys[b])
+        found.append((prefix, int(m[1]), int(m[2]), leaf))
+    found.sort(key=lambda f: f[:3])
+    return {"/".join((*p, f"stage{i}", f"block{j}")): w for p, i, j, w in found}
+
+
+def _key_name(k: Any) -> str:
+    """A pytree path entry as text: a dict key, an attribute name or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
 
 
 def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:

@@ -45,7 +45,6 @@ from adaresnet_jax.data.streaming import StreamingData, inspect
 from adaresnet_jax.inputs import ResidentInput, StreamingEvaluator, StreamingInput, open_data
 from adaresnet_jax.metrics import RunLog, skip_values
 from adaresnet_jax.models import create_model, skip_weights
-from adaresnet_jax.conv import default_conv_impl
 from adaresnet_jax.optim import decay_mask, make_optimizer, make_schedule, skip_mask  # noqa: F401 (re-exported)
 from adaresnet_jax.provenance import provenance, versions
 from adaresnet_jax.steps import (  # noqa: F401 (re-exported)
@@ -156,11 +155,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
     mesh = make_mesh()
     spe = _steps_per_epoch(cfg, n_train, n_dev)
-    model = create_model(cfg.model, num_classes=ds.num_classes, skip=cfg.skip, **cfg.model_overrides())
+    try:
+        model = create_model(cfg.model, num_classes=ds.num_classes, skip=cfg.skip, **cfg.model_overrides(mesh))
+    except ValueError as e:  # a CPU convolution asked for GPU/TPU devices
+        raise UsageError(str(e)) from None
     tx, schedule = make_optimizer(cfg, spe)
     channels = image_shape[-1]
     mean, std = stats if cfg.normalize else ((0.0,) * channels, (1.0,) * channels)
-    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if cfg.compute_dtype_for(mesh) == "bfloat16" else jnp.float32
     round_up = lambda n: -(-max(n, 1) // n_dev) * n_dev  # noqa: E731
     eval_bs = min(round_up(cfg.eval_batch_size), round_up(max(n_val, n_test)))
 
@@ -491,7 +493,7 @@ def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: fl
         "devices": {"count": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
                     "kind": devices[0].device_kind},
         "versions": versions(), "config": dataclasses.asdict(c.cfg),
-        "provenance": provenance(conv_impl=default_conv_impl() if c.cfg.conv_impl == "auto" else c.cfg.conv_impl),
+        "provenance": provenance(conv_impl=c.model.conv_impl),
     }
 
 

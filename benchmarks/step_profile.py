@@ -91,6 +91,7 @@ def top_level(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def profile(model: str, skip: str, conv_impl: str, batch: int, steps: int, preset: str) -> dict[str, Any]:
     mesh = train_lib.make_mesh()
+    conv_impl = throughput.conv_impl_for(mesh, conv_impl)  # "auto": the CPU algorithms on CPU devices
     c = throughput.build(model, skip, conv_impl, batch, 32, jnp.float32, mesh, preset)
     op_names = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', c["train"].as_text(),
                                re.M))

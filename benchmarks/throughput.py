@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adaresnet_jax as ar  # noqa: E402
 from adaresnet_jax import train as train_lib  # noqa: E402
 from adaresnet_jax.config import parse_config  # noqa: E402
-from adaresnet_jax.conv import CONV_IMPLS, default_conv_impl  # noqa: E402
+from adaresnet_jax.conv import CONV_IMPLS, conv_impl_for  # noqa: E402
 from adaresnet_jax.optim import make_optimizer  # noqa: E402
 
 DEFAULT_MODELS = ("paper", "resnet18_cifar", "resnet56", "resnet50")
@@ -115,7 +115,7 @@ def build(name: str, skip: str, conv_impl: str, batch: int, image_size: int, dty
     """Compile the package's train step (as train.py runs it: batches gathered on device from a
     resident uint8 data set, augmented and normalised in the step, optimizer and recipe of
     ``preset``) and eval step for one contender; return them with their compile times."""
-    model = ar.create_model(name, num_classes=10, skip=skip, dtype=dtype, conv_impl=conv_impl)
+    model = ar.create_model(name, num_classes=10, skip=skip, dtype=dtype, conv_impl=conv_impl_for(mesh, conv_impl))
     cfg = parse_config(["--preset", preset])
     tx, _ = make_optimizer(cfg, steps_per_epoch=1000)
     state = train_lib.create_state(model, tx, (image_size, image_size, 3), seed=0, mesh=mesh)
@@ -212,20 +212,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.steps = a.steps or (3 if a.quick else 10)
     a.models = a.models.split(",")
     a.skips = a.skips.split(",")
-    a.conv_impls = [default_conv_impl() if c == "auto" else c for c in a.conv_impl.split(",")]
     for m in a.models:
         if m not in ar.MODEL_NAMES:
             p.error(f"unknown model {m!r}; valid: {', '.join(ar.MODEL_NAMES)}")
     for s in a.skips:
         if s not in ar.SKIP_RULES:
             p.error(f"unknown skip rule {s!r}; valid: {', '.join(ar.SKIP_RULES)}")
-    for c in a.conv_impls:
-        if c not in CONV_IMPLS:
-            p.error(f"unknown conv impl {c!r}; valid: auto, {', '.join(CONV_IMPLS)}")
     n_dev = len(jax.local_devices())
     a.devices = a.devices or n_dev
     if not 1 <= a.devices <= n_dev:
         p.error(f"--devices {a.devices}: this host has {n_dev} local device(s)")
+    for c in a.conv_impl.split(","):
+        if c not in ("auto", *CONV_IMPLS):
+            p.error(f"unknown conv impl {c!r}; valid: auto, {', '.join(CONV_IMPLS)}")
+    try:  # chosen for the devices the steps run on, as the trainer does
+        a.conv_impls = [conv_impl_for(jax.local_devices()[: a.devices], c) for c in a.conv_impl.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     for b in a.batch_sizes:
         if b % a.devices:
             p.error(f"batch size {b} is not divisible by {a.devices} devices")

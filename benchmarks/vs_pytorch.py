@@ -62,8 +62,10 @@ def serve_jax(a: argparse.Namespace) -> None:
     from throughput import model_flops, peak_flops
 
     classes = NUM_CLASSES.get(a.model, 10)
-    model = ar.create_model(a.model, num_classes=classes, skip=a.skip, conv_impl=a.conv_impl)
+    from adaresnet_jax.conv import conv_impl_for
+
     mesh = train_lib.make_mesh(jax.local_devices()[:1])
+    model = ar.create_model(a.model, num_classes=classes, skip=a.skip, conv_impl=conv_impl_for(mesh, a.conv_impl))
     tx = optax.sgd(0.1, momentum=0.9)
     state = train_lib.create_state(model, tx, (32, 32, 3), seed=0, mesh=mesh)
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -89,7 +91,7 @@ def serve_jax(a: argparse.Namespace) -> None:
     train(2)
     params = flatten_dict(jax.device_get(state["params"]), sep="/")
     _reply(out, {"ready": True, "params": int(sum(v.size for v in params.values())), "compile_s": compile_s,
-                 "flops_per_image": model_flops(model, (32, 32, 3)), "conv_impl": a.conv_impl,
+                 "flops_per_image": model_flops(model, (32, 32, 3)), "conv_impl": model.conv_impl,
                  "versions": train_lib.versions(), "device": jax.devices()[0].device_kind})
     for line in sys.stdin:
         req = json.loads(line)

@@ -17,7 +17,7 @@ from jax import lax
 import adaresnet_jax as ar
 from adaresnet_jax import conv as conv_lib
 from adaresnet_jax import winograd
-from adaresnet_jax.conv import CONV_IMPLS, Plan, conv_fn, default_conv_impl, hybrid_conv, slice_dot_conv, tuned_conv
+from adaresnet_jax.conv import CONV_IMPLS, Plan, conv_fn, conv_impl_for, hybrid_conv, slice_dot_conv, tuned_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -169,12 +169,15 @@ def test_flax_conv(size, k, stride, padding):
     assert got.shape == want.shape and _rel(got, want) < 1e-5
 
 
-def test_conv_fn():
-    assert conv_fn("xla") is lax.conv_general_dilated
-    assert conv_fn("slice_dot") is slice_dot_conv
-    assert conv_fn("hybrid") is hybrid_conv
-    assert conv_fn("tuned") is tuned_conv
-    assert set(CONV_IMPLS) == {"xla", "slice_dot", "hybrid", "tuned"}
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_conv_fn_computes_lax_conv(impl):
+    """Every named implementation, as flax's Conv calls it, gives lax's values and gradients (a 7x7/2 stem,
+    a 3x3 on a 2x2 map)."""
+    _check_values_and_grads(16, 7, 2, "SAME", 3, 8, conv_impl=conv_fn(impl))
+    _check_values_and_grads(2, 3, 1, ((1, 1), (1, 1)), 8, 16, conv_impl=conv_fn(impl))
+
+
+def test_conv_fn_refuses_an_unknown_name():
     with pytest.raises(ValueError, match=r"'bad'.*xla.*slice_dot.*hybrid.*tuned"):
         conv_fn("bad")
 
@@ -189,10 +192,37 @@ def test_hybrid_picks_by_output_size_and_matches_lax(size, k, stride, big):
     _check_values_and_grads(size, k, stride, "SAME", 3, 8, conv_impl=hybrid_conv)
 
 
-def test_default_conv_impl():
-    assert default_conv_impl("cpu") == "tuned"
-    assert default_conv_impl("gpu") == "xla" and default_conv_impl("tpu") == "xla"
-    assert default_conv_impl() in CONV_IMPLS
+class _Device:
+    """Stands for a jax.Device of another platform (conv_impl_for reads only ``platform``)."""
+
+    def __init__(self, platform: str):
+        self.platform = platform
+
+
+@pytest.mark.parametrize("platform,n,requested,want", [
+    ("cpu", 1, "auto", "tuned_single_device"), ("cpu", 4, "auto", "tuned"),  # barriers and chunks: one device only
+    ("cpu", 1, "tuned", "tuned_single_device"), ("cpu", 2, "tuned_single_device", "tuned"),
+    ("cpu", 2, "hybrid", "hybrid"), ("cpu", 1, "xla", "xla"),
+    ("tpu", 1, "auto", "xla"), ("gpu", 8, "auto", "xla"), ("tpu", 4, "xla", "xla"),
+])
+def test_conv_impl_for_the_devices(platform, n, requested, want):
+    assert conv_impl_for([_Device(platform)] * n, requested) == want
+
+
+@pytest.mark.parametrize("impl", ["slice_dot", "hybrid", "tuned", "tuned_single_device"])
+def test_conv_impl_for_refuses_a_cpu_algorithm_on_accelerators(impl):
+    with pytest.raises(ValueError, match=f"'{impl}' is a CPU algorithm but the devices are tpu: pass .*xla"):
+        conv_impl_for([_Device("tpu")] * 2, impl)
+    with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
+        conv_impl_for([_Device("cpu")], "fft")
+
+
+def test_conv_impl_for_a_mesh_and_the_compute_dtype():
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    assert conv_impl_for(mesh) == "tuned_single_device"  # this host's devices are CPUs
+    assert conv_lib.compute_dtype_for(mesh) == "float32"
+    assert conv_lib.compute_dtype_for([_Device("tpu")]) == "bfloat16"
+    assert conv_lib.compute_dtype_for([_Device("tpu")], "float32") == "float32"
 
 
 # ----------------------------------------------------------------------------- tuned: an algorithm per pass
@@ -267,7 +297,6 @@ def test_winograd_round_off_against_float64(m, bound):
     exact = np.asarray(lax.conv_general_dilated(np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1),
                                                 "SAME", dimension_numbers=DN))
     err = lambda y: float(np.linalg.norm(np.asarray(y, np.float64) - exact) / np.linalg.norm(exact))  # noqa: E731
-    assert err(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)) < 1e-6
     assert err(winograd.conv3x3(x, w, m)) < bound
 
 
@@ -294,12 +323,10 @@ def test_winograd_chunks_divide_the_batch():
     (16, 32, 32, "xla", "shifted"),
     (8, 32, 32, "xla", "winograd4"),          # 8x8: the two extra rows cost 25%
 ])
-def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad, monkeypatch):
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
-    p = conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1)))
+def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad):
+    p = conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1)), single_device=True)
     assert (p.forward, p.input_grad, p.kernel_grad) == (forward, forward, kernel_grad)
     if kernel_grad == "shifted":  # a batch sharded over devices is not chunked, and unchunked Winograd is faster
-        monkeypatch.setattr(jax, "device_count", lambda: 8)
         assert conv_lib.plan((128, size, size, cin), (3, 3, cin, cout), (1, 1), ((1, 1), (1, 1))).kernel_grad \
             == "winograd4"
     strided = conv_lib.plan((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), ((1, 1), (1, 1)))
@@ -307,10 +334,13 @@ def test_plan_follows_the_measured_rule(size, cin, cout, forward, kernel_grad, m
     assert conv_lib.plan((2, 8, 8, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16).forward == "xla"
 
 
-def test_plan_does_not_chunk_a_batch_sharded_over_devices(monkeypatch):
-    assert conv_lib.plan((8, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))).chunked == (jax.device_count() == 1)
-    monkeypatch.setattr(jax, "device_count", lambda: 8)
-    assert not conv_lib.plan((8, 8, 8, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))).chunked
+def test_tuned_scans_over_batch_chunks_only_on_a_single_device():
+    """A scan over a batch sharded over devices would gather it: without ``single_device`` the im2col
+    kernel gradient takes the whole batch at once (no scan in the program)."""
+    x, w = _inputs(32, 3, 4, 8, batch=8)  # 32x32 output: one image per 1024-position chunk
+    jaxpr = lambda impl: str(jax.make_jaxpr(jax.grad(  # noqa: E731
+        lambda b: conv_fn(impl)(x, b, (2, 2), "SAME", dimension_numbers=DN).sum()))(w))
+    assert "scan" in jaxpr("tuned_single_device") and "scan" not in jaxpr("tuned")
 
 
 def _network_layers():
@@ -403,8 +433,9 @@ def test_networks_train_the_same_with_tuned(name, image_batch):
     amplifies round-off, most in the skip weights' gradients (sums that nearly cancel on the digit images:
     slice_dot alone is ~5e-3 off xla on resnet18_cifar, tuned ~3e-3; ~1e-5 both on random inputs), so the
     whole gradient vector is compared, against 1e-4 or twice slice_dot's distance, whichever is larger."""
-    _, _, g = _train_grads(name, ("xla", "slice_dot", "tuned"), jnp.asarray(image_batch[0][:4]))
-    assert _rel(g["tuned"], g["xla"]) < max(1e-4, 2 * _rel(g["slice_dot"], g["xla"]))
+    _, _, g = _train_grads(name, ("xla", "slice_dot", "tuned", "tuned_single_device"), jnp.asarray(image_batch[0][:4]))
+    for impl in ("tuned", "tuned_single_device"):
+        assert _rel(g[impl], g["xla"]) < max(1e-4, 2 * _rel(g["slice_dot"], g["xla"])), impl
 
 
 def test_paper_the_same_with_tuned(image_batch):
@@ -434,23 +465,25 @@ def test_slice_max_pool_equals_flax(size, padding, ties):
     g_want, g_got = np.asarray(vjp_want(ct)[0]), np.asarray(vjp_got(ct)[0])
     assert np.array_equal(g_got != 0, g_want != 0)  # the same inputs receive gradient
     np.testing.assert_allclose(g_got, g_want, rtol=0, atol=1e-6 * np.abs(g_want).max())
-    assert conv_lib.max_pool_fn("tuned") is conv_lib.slice_max_pool and conv_lib.max_pool_fn("xla") is nn.max_pool
 
 
-def test_block_input_is_a_barrier_only_under_tuned_on_one_device(monkeypatch):
-    """Under tuned on one device each block's input is an optimization_barrier (XLA keeps the one buffer
-    instead of recomputing it through the skip adds of every earlier block); other implementations, and
-    tuned over several devices (where the barrier changed XLA's partitioning), see no change."""
-    x, images = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 32, 32, 3))
-    model = lambda impl: ar.create_model("resnet20", num_classes=10, conv_impl=impl)  # noqa: E731
+def test_barriers_only_under_tuned_single_device():
+    """Under tuned_single_device each block's input is an optimization_barrier (XLA keeps the one buffer
+    instead of recomputing it through the skip adds of every earlier block), and so are the max-pool's
+    and the convolutions' backward inputs; other implementations, tuned (several devices, where the barrier
+    changed XLA's partitioning) included, have none, forward or backward. Whatever the host."""
+    images = jnp.zeros((2, 32, 32, 3))
+    model = lambda impl: ar.create_model("resnet18", num_classes=10, num_filters=4, conv_impl=impl)  # noqa: E731
     v = jax.eval_shape(lambda: model("xla").init(jax.random.key(0), images, train=False))
-    count = lambda impl: str(jax.make_jaxpr(  # noqa: E731
-        lambda v: model(impl).apply(v, images, train=False))(v)).count("optimization_barrier")
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert count("tuned") >= 9 and count("xla") == count("hybrid") == 0  # resnet20: 9 blocks
-    assert conv_lib.block_input(x, "xla") is x
-    monkeypatch.setattr(jax, "device_count", lambda: 8)
-    assert count("tuned") == 0 and conv_lib.block_input(x, "tuned") is x
+
+    def count(impl):
+        def loss(params, stats, x):
+            out, _ = model(impl).apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+            return out.sum()
+        return str(jax.make_jaxpr(jax.grad(loss))(v["params"], v["batch_stats"], images)).count("optimization_barrier")
+
+    assert count("tuned_single_device") >= 8 + 1 + 20  # 8 blocks, the max-pool, 20 convolutions' backward
+    assert count("xla") == count("hybrid") == count("tuned") == 0
 
 
 def test_slice_max_pool_tied_window_gives_all_to_first():
@@ -460,3 +493,15 @@ def test_slice_max_pool_tied_window_gives_all_to_first():
     want = np.zeros((1, 4, 4, 1), np.float32)
     want[0, 0, 0, 0] = 1.0  # one 3x3/2 window on a 4x4 map (VALID): output (0, 0) reads rows and columns 0-2
     assert np.array_equal(g, want)
+
+
+def test_the_trainer_chooses_for_its_devices():
+    """train.py's model overrides follow the devices they are given, not the host: the CPU fast path on
+    one CPU device, xla and bfloat16 (--dtype auto) for TPU devices, a CPU algorithm for TPU refused."""
+    from adaresnet_jax.config import parse_config
+
+    assert parse_config([]).model_overrides(jax.devices()[:1])["conv_impl"] == "tuned_single_device"
+    tpu = parse_config(["--dtype", "auto"]).model_overrides([_Device("tpu")] * 4)
+    assert tpu["conv_impl"] == "xla" and tpu["dtype"] == jnp.bfloat16
+    with pytest.raises(ValueError, match="CPU algorithm"):
+        parse_config(["--conv-impl", "hybrid"]).model_overrides([_Device("tpu")])

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 import adaresnet_jax as ar
@@ -58,11 +59,30 @@ def test_paper_matches_the_seed_keras_model():
     # Keras defaults: every convolution has a bias, one scalar skip weight per block.
     assert all(k.replace("kernel", "bias") in flat for k in flat if k.endswith("kernel"))
     assert all(flat[k].shape == (1,) for k in flat if k.endswith("skip_weight"))
-    assert model.bn_momentum == 0.99 and model.bn_epsilon == 1e-3
-    # Keras' glorot_uniform for the convolutions and for the Dense head.
-    key, glorot = jax.random.key(3), jax.nn.initializers.glorot_uniform()
-    for init, shape in [(model.kernel_init, (3, 3, 64, 64)), (model.head_init, (512, 10))]:
-        np.testing.assert_array_equal(init(key, shape), glorot(key, shape))
+
+
+def test_paper_initialises_and_normalises_as_keras():
+    """Keras' formulas, written out: glorot_uniform kernels (conv and Dense head) are U(-l, l) with
+    l = sqrt(6 / (fan_in + fan_out)); BatchNormalization's moving statistics move by momentum 0.99 from
+    (0, 1) towards the batch's mean and (biased) variance, and evaluation divides by sqrt(var + 1e-3)."""
+    model = ar.create_model("paper", num_classes=10, num_filters=16)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    v = model.init(jax.random.key(0), x, train=False)
+    for kernel in (v["params"]["stage2_block2"]["Conv_1"]["kernel"], v["params"]["head"]["kernel"]):
+        k = np.asarray(kernel, np.float64)
+        limit = np.sqrt(6 / (np.prod(k.shape[:-2]) * (k.shape[-2] + k.shape[-1])))
+        assert 0.95 * limit < np.abs(k).max() <= limit
+        assert abs(k.std() / (limit / np.sqrt(3)) - 1) < 0.1, k.std()
+    _, new = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+    z = np.asarray(new["intermediates"]["stem_conv"]["__call__"][0], np.float64)  # the stem BN's input
+    stats = new["batch_stats"]["stem_bn"]
+    np.testing.assert_allclose(stats["mean"], 0.01 * z.mean((0, 1, 2)), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(stats["var"], 0.99 + 0.01 * z.var((0, 1, 2)), rtol=1e-5)
+    v2 = {**v, "batch_stats": new["batch_stats"]}
+    _, inter = model.apply(v2, x, train=False, mutable=["intermediates"], capture_intermediates=True)
+    bn = inter["intermediates"]["stem_bn"]["__call__"][0]
+    want = (z - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-3)
+    np.testing.assert_allclose(bn, want, rtol=1e-4, atol=1e-5)
 
 
 def test_per_channel_skip_weights():
@@ -106,7 +126,6 @@ def test_resnet50_keras_matches_keras_applications_resnet50():
     assert flat["stage2_block1/Conv_0/kernel"].shape == (1, 1, 256, 128)
     assert all(f"stage{i}_block1/proj_conv/kernel" in flat for i in range(1, 5))
     assert not any("block2/proj" in k for k in flat)
-    assert model.bn_momentum == 0.99 and model.bn_epsilon == 1.001e-5
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape == (2, 10)
 
@@ -158,7 +177,6 @@ def test_skip_module_picks_one_module_per_block():
     assert type(pick("learned", False)) is ar.LearnedSkip and pick("learned", False).weight_init == 0.25
     assert pick("learned", True).weight_init == 0.7
     assert type(pick("rezero", True)) is ar.ReZeroSkip and pick("rezero", True).weight_init == 0.25
-    assert ar.WeightedSkip is ar.LearnedSkip
 
 
 def test_rezero_skip_computes_x_plus_w_branch():
@@ -252,9 +270,8 @@ def test_default_configurations_train(name, overrides, skip, image_batch):
         seen = jax.tree.map(lambda s, g: s | (g != 0), seen, grads)
         losses.append(float(loss))
     assert all(_nonzero(seen).values()), [k for k, ok in _nonzero(seen).items() if not ok]
-    # The loss falls clearly: on the digits batch the slowest case (tiny, 4 filters) ends at 0.64 of
-    # its start on both AVX-512 and AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2); the others below 0.35.
-    assert np.isfinite(losses).all() and losses[-1] < 0.85 * losses[0], losses
+    # The loss falls (no margin: any would be one CPU's number; a wrong gradient makes Adam climb).
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
 @pytest.mark.parametrize("name,overrides", SMALL)
@@ -291,10 +308,12 @@ def test_conv_implementations_agree(name, overrides, impl, image_batch):
     (lambda: ar.create_model("paper", num_classes=-3), "got -3"),
     (lambda: ar.create_model("paper", num_classes=10, widht=3), r"unknown ResNet field\(s\) \['widht'\]"),
     (lambda: ar.create_model("paper", num_classes=10, conv_impl="fft").init(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 3))), "unknown conv_impl 'fft'.*auto, xla, slice_dot"),
-    (lambda: ar.create_model("tiny", num_classes=10).init(jax.random.key(0), jnp.zeros((8, 8, 3))),
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False), "unknown conv_impl 'fft'.*xla, slice_dot"),
+    (lambda: ar.create_model("tiny", num_classes=10, conv_impl="auto").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False), "depends on the devices: pass .*conv_impl_for"),
+    (lambda: ar.create_model("tiny", num_classes=10).init(jax.random.key(0), jnp.zeros((8, 8, 3)), train=False),
      r"rank 4, got shape \(8, 8, 3\)"),
-    (lambda: ar.ResNet(stage_sizes=(1,), skip="gate").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))),
+    (lambda: ar.ResNet(stage_sizes=(1,), skip="gate").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False),
      "unknown skip rule 'gate'"),
     (lambda: ar.WeightedSkip(weight_init="uniform").init(jax.random.key(0), jnp.zeros(3), jnp.zeros(3)),
      "unknown skip_init 'uniform'"),
@@ -302,3 +321,71 @@ def test_conv_implementations_agree(name, overrides, impl, image_batch):
 def test_bad_input_raises_a_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("train", [None, 1, "no"])
+def test_train_must_be_passed_as_a_bool(train):
+    """Forgetting ``train`` (or passing a non-bool) is one line saying what to pass, not Flax's
+    ModifyScopeVariableError from deep inside BatchNorm."""
+    model = ar.create_model("tiny", num_classes=10)
+    x = jnp.zeros((1, 8, 8, 3))
+    kw = {} if train is None else {"train": train}
+    with pytest.raises(TypeError, match=r"pass train=True \(training, with mutable=\['batch_stats'\]\) or train=False"):
+        model.init(jax.random.key(0), x, **kw)
+    v = model.init(jax.random.key(0), x, train=False)
+    with pytest.raises(TypeError, match="pass train=True"):
+        model.apply(v, x, **kw)
+    with pytest.raises(TypeError):  # keyword-only
+        model.apply(v, x, False)
+
+
+class _TwoBackbones(nn.Module):
+    """ResNets nested inside a larger module (skip_weights keys them by their path)."""
+
+    def setup(self):
+        self.backbone = ar.create_model("tiny", num_classes=10, skip_init=0.5)
+        self.aux = ar.create_model("tiny", num_classes=10, skip="rezero", skip_init=0.25)
+        self.probe = nn.Dense(3)
+
+    def __call__(self, x, *, train: bool):
+        a = self.backbone(x, train=train, features=True)["pooled"]
+        return self.probe(jnp.concatenate([a, self.aux(x, train=train)], -1))
+
+
+def test_skip_weights_of_nested_resnets_are_keyed_by_their_path():
+    v = _TwoBackbones().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    ws = {k: float(w[0]) for k, w in ar.skip_weights(v).items()}
+    assert ws == {"aux/stage1/block1": 0.25, "aux/stage2/block1": 0.25,
+                  "backbone/stage1/block1": 0.5, "backbone/stage2/block1": 0.5}
+    assert ar.skip_weights(v["params"]).keys() == ws.keys()
+    assert all(isinstance(w, jax.Array) for w in ar.skip_weights(v).values())
+
+
+@pytest.mark.parametrize("name,size,shapes", [
+    ("resnet20", 16, {"stem": (16, 16, 4), "stage1": (16, 16, 4), "stage2": (8, 8, 8), "stage3": (4, 4, 16)}),
+    ("resnet50", 64, {"stem": (16, 16, 4), "stage1": (16, 16, 16), "stage2": (8, 8, 32), "stage3": (4, 4, 64),
+                      "stage4": (2, 2, 128)}),
+])
+def test_features_shapes(name, size, shapes):
+    model = ar.create_model(name, num_classes=10, num_filters=4)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    f = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True), v, x)
+    assert {k: a.shape[1:] for k, a in f.items()} == {**shapes, "pooled": (list(shapes.values())[-1][-1],)}
+
+
+def test_pooled_features_feed_the_head(image_batch):
+    """Backbone use: the pooled features are the mean of the last stage's output, the head (a Dense layer
+    with the model's head parameters) maps them to the logits, and a backbone initialised with
+    features=True has no head."""
+    x = jnp.asarray(image_batch[0][:4])
+    model = ar.create_model("resnet20", num_classes=10, stage_sizes=(1, 1, 1), num_filters=4)
+    v = model.init(jax.random.key(0), x, train=False)
+    f = model.apply(v, x, train=False, features=True)
+    np.testing.assert_allclose(f["pooled"], f["stage3"].mean(axis=(1, 2)), rtol=1e-6)
+    head = nn.Dense(10).apply({"params": v["params"]["head"]}, f["pooled"])
+    np.testing.assert_allclose(head, model.apply(v, x, train=False), rtol=1e-6, atol=1e-6)
+    (f_train, upd) = model.apply(v, x, train=True, features=True, mutable=["batch_stats"])
+    assert set(upd["batch_stats"]) == set(v["batch_stats"]) and f_train["pooled"].shape == (4, 16)
+    backbone = model.init(jax.random.key(0), x, train=False, features=True)
+    assert "head" not in backbone["params"] and set(backbone["params"]) == set(v["params"]) - {"head"}
