@@ -117,6 +117,7 @@ def prepare_host(target: Target) -> None:
     else:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: no need for libtpu's lock file
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -134,10 +135,14 @@ def target_devices(target: Target) -> list[Any]:
             topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target.device.key),
                                                 topology=target.topology)
     except Exception as e:  # noqa: BLE001 - the plugin is missing or refuses the topology
-        plugin = "tpu" if target.device.platform == "tpu" else "cuda12"
+        import importlib.util
+
+        plugin, module = ("tpu", "libtpu") if target.device.platform == "tpu" else ("cuda12", "jax_cuda12_plugin")
+        if importlib.util.find_spec(module) is None:
+            raise _usage(f"--compile-only {target.spec}: the compiler for it is not installed: pip install "
+                         f"'jax[{plugin}]=={jax.__version__}'") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _usage(f"--compile-only {target.spec}: could not describe the target ({first}); the compiler comes "
-                     f"with pip install 'jax[{plugin}]=={jax.__version__}'") from None
+        raise _usage(f"--compile-only {target.spec}: the target could not be described ({first})") from None
     return list(topo.devices)
 
 
