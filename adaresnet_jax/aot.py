@@ -297,10 +297,22 @@ def _lowered_cost(lowered: Any) -> dict[str, float] | None:
     from jax._src.lib import xla_client as xc
 
     try:
-        hlo = lowered.compiler_ir("hlo")
-        mod = xc._xla.hlo_module_from_text(hlo.as_hlo_text())
+        mod = lowered.compiler_ir("hlo").get_hlo_module()
         return _first(xc._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, mod))
     except Exception:  # noqa: BLE001 - an internal API: the report then says the cost is unknown
+        return None
+
+
+def _optimized_cost(compiled: Any) -> dict[str, float] | None:
+    """The same analysis of the optimized per-device module (its fusions: the bytes it moves; its cuDNN
+    convolutions count zero FLOPs), or None where the executable does not expose it."""
+    import jax
+    from jax._src.lib import xla_client as xc
+
+    try:
+        mod = compiled.runtime_executable().hlo_modules()[0]
+        return _first(xc._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, mod))
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -359,9 +371,11 @@ def describe(c: Compiled, n_dev: int, batch: int) -> dict[str, Any]:
         per_dev = cost["flops"]
         bytes_dev = cost.get("bytes accessed")
     else:
-        cost, source = _lowered_cost(c.lowered), "lowered module (global, divided by the device count)"
+        cost, opt = _lowered_cost(c.lowered), _optimized_cost(c.compiled)
+        source = ("lowered module for FLOPs (global, divided by the device count); optimized per-device module for "
+                  "bytes accessed")
         per_dev = cost["flops"] / n_dev if cost and "flops" in cost else None
-        bytes_dev = cost["bytes accessed"] / n_dev if cost and "bytes accessed" in cost else None
+        bytes_dev = opt.get("bytes accessed") if opt else None
     cpu = [name for name, found in (("custom_vjp", "custom_vjp_call" in c.jaxpr_text),
                                     ("optimization_barrier", "optimization_barrier" in lowered_text
                                      or "opt-barrier" in text)) if found]
@@ -388,10 +402,14 @@ def usable_memory(target: Target) -> int:
     return dev.memory_bytes
 
 
-def verdict(needed: int, available: int) -> str:
-    if needed <= available:
+def verdict(needed: int | None, available: int, refused: bool = False) -> str:
+    """"fits (X of Y GiB)" or "does not fit: needs X GiB of Y" (``refused``: the compiler gave up for lack of memory)."""
+    if needed is None:
+        return f"does not fit: the compiler ran out of the device's {available / GIB:.2f} GiB"
+    if needed <= available and not refused:
         return f"fits ({needed / GIB:.2f} of {available / GIB:.2f} GiB)"
-    return f"does not fit: needs {needed / GIB:.2f} GiB of {available / GIB:.2f}"
+    return f"does not fit: needs {needed / GIB:.2f} GiB of {available / GIB:.2f}" + (
+        " (the compiler ran out of memory)" if refused else "")
 
 
 def roofline(flops_per_device: float | None, bytes_per_device: float | None, target: Target, dtype_name: str,
@@ -423,13 +441,41 @@ def _fits(report_programs: dict[str, dict[str, Any]], progs: Programs) -> int:
     return max(train, ev["memory"]["peak"] + rest)
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(message: str) -> dict[str, Any] | None:
+    """The compiler's refusal of a program that does not fit in the device's memory (the TPU compiler fails with
+    RESOURCE_EXHAUSTED instead of returning a program), as {"compile_error", "used_bytes"}; None for other errors."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    m = re.search(r"[Uu]sed ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", message)
+    used = int(float(m[1]) * _UNITS[m[2]]) if m else None
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return {"compile_error": " ".join(lines[:3])[:600], "used_bytes": used}
+
+
+def _compile_described(fn: Any, args: tuple, n_dev: int, batch: int) -> dict[str, Any]:
+    try:
+        return describe(compile_program(fn, args), n_dev, batch)
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is a result
+        oom = out_of_memory(str(e))
+        if oom is None:
+            raise
+        return {**oom, "memory": {"peak": oom["used_bytes"]}}
+
+
 def compile_once(cfg: Config, target: Target, devices: list[Any], shapes: DataShapes, batch: int, *,
-                 with_eval: bool = True) -> tuple[dict[str, Any], int, Programs]:
-    """({program: entry}, bytes needed per device, programs) for a global batch ``batch``."""
+                 with_eval: bool = True) -> tuple[dict[str, Any], int | None, Programs]:
+    """({program: entry}, bytes needed per device, programs) for a global batch ``batch``. A program the compiler
+    refused for lack of memory has ``compile_error`` (and the bytes it would have used, when the message says);
+    the bytes needed are then those, or None when unknown."""
     progs = build(cfg, devices, target, shapes, batch)
-    out = {"train": describe(compile_program(progs.train, progs.train_args), len(devices), batch)}
+    out = {"train": _compile_described(progs.train, progs.train_args, len(devices), batch)}
     if with_eval:
-        out["eval"] = describe(compile_program(progs.eval, progs.eval_args), len(devices), progs.eval_batch)
+        out["eval"] = _compile_described(progs.eval, progs.eval_args, len(devices), progs.eval_batch)
+    if any(p["memory"]["peak"] is None for p in out.values()):
+        return out, None, progs
     return out, _fits(out, progs), progs
 
 
@@ -439,20 +485,16 @@ def find_max_batch(cfg: Config, target: Target, devices: list[Any], shapes: Data
     doubling from ``start`` to the first that does not fit, then bisection. Each try compiles the train step."""
     n_dev, avail = len(devices), usable_memory(target)
     cap = shapes.n_train // n_dev * n_dev
-    tried: dict[int, int] = {}
+    tried: dict[int, int] = {}  # batch: bytes needed per device (-1: the compiler ran out of memory, no figure)
+    ok: dict[int, bool] = {}
 
     def fits(b: int) -> bool:
-        if b not in tried:
-            try:
-                _, need, _ = compile_once(cfg, target, devices, shapes, b, with_eval=False)
-            except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit (TPU: RESOURCE_EXHAUSTED)
-                if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e).lower():
-                    raise
-                need = -1
-            tried[b] = need
-            shown = "refused by the compiler" if need < 0 else verdict(need, avail)
-            say(f"  batch {b}: {shown}")
-        return 0 <= tried[b] <= avail
+        if b not in ok:
+            progs, need, _ = compile_once(cfg, target, devices, shapes, b, with_eval=False)
+            refused = "compile_error" in progs["train"]
+            ok[b], tried[b] = need is not None and need <= avail and not refused, -1 if need is None else need
+            say(f"  batch {b}: {verdict(need, avail, refused)}")
+        return ok[b]
 
     lo, hi = 0, None
     b = max(n_dev, min(start // n_dev * n_dev, cap))
@@ -506,6 +548,8 @@ def compile_run(cfg: Config) -> dict[str, Any]:
         f"{devices[0].device_kind} over {hosts} host{'s' * (hosts != 1)}")
     programs, needed, progs = compile_once(cfg, target, devices, shapes, bs)
     avail = usable_memory(target)
+    refused = any("compile_error" in p for p in programs.values())
+    fits = needed is not None and needed <= avail and not refused
     dtype_name = "bfloat16" if _target_model_overrides(cfg, target)[1].__name__ == "bfloat16" else "float32"
     from adaresnet_jax.flops import model_flops
 
@@ -524,14 +568,14 @@ def compile_run(cfg: Config) -> dict[str, Any]:
                 "optimizer": cfg.optimizer, "conv_impl": _target_model_overrides(cfg, target)[0]["conv_impl"]},
         "programs": programs,
         "resident_data_bytes_per_device": {"train_set": progs.resident_train_bytes, "eval_set": progs.resident_eval_bytes},
-        "needed_bytes_per_device": needed, "fits": needed <= avail, "verdict": verdict(needed, avail),
+        "needed_bytes_per_device": needed, "fits": fits, "verdict": verdict(needed, avail, refused),
         "analytic": {"forward_flops_per_image": fwd, "train_flops_per_image": 3 * fwd,
-                     "hlo_over_analytic_train": train["flops_per_image"] / (3 * fwd) if train["flops_per_image"] else None,
+                     "hlo_over_analytic_train": train["flops_per_image"] / (3 * fwd) if train.get("flops_per_image") else None,
                      "note": "2 x multiply-adds of every convolution and dense layer (padding included); a train "
                              "step counted as 3 forward passes"},
-        "roofline": roofline(train["flops_per_device"], train["bytes_accessed_per_device"], target, dtype_name, bs),
+        "roofline": roofline(train.get("flops_per_device"), train.get("bytes_accessed_per_device"), target, dtype_name, bs),
         "versions": {"jax": jax.__version__},
-        "compile_s": round(sum(p["compile_s"] for p in programs.values()), 2),
+        "compile_s": round(sum(p.get("compile_s", 0.0) for p in programs.values()), 2),
     }
     if cfg.find_max_batch:
         say(f"finding the largest batch that fits on {target.spec} (each try compiles the train step):")
@@ -548,16 +592,20 @@ def summary_text(r: dict[str, Any]) -> str:
     """The report in a few readable lines."""
     t, run, tr = r["target"], r["run"], r["programs"]["train"]
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-    m = tr["memory"]
     lines = [f"{run['model']} ({run['dtype']}, global batch {run['global_batch']}, {run['per_device_batch']} per device) "
              f"on {t['spec']} ({t['devices']} x {t['device_kind']}, {t['hosts']} host{'s' * (t['hosts'] != 1)}): "
-             f"{r['verdict']} [compiled, not run]",
-             f"  train step per device: arguments {g(m['argument'])}, outputs {g(m['output'])} "
-             f"({g(m['alias'])} aliased), temporaries {g(m['temp'])}, peak {g(m['peak'])}"]
-    if "eval" in r["programs"]:
-        e = r["programs"]["eval"]["memory"]
-        lines.append(f"  eval step per device (batch {run['eval_batch']}): peak {g(e['peak'])}; resident data "
-                     f"{g(sum(r['resident_data_bytes_per_device'].values()))}")
+             f"{r['verdict']} [compiled, not run]"]
+    for name, p in r["programs"].items():
+        m = p["memory"]
+        if "compile_error" in p:
+            lines.append(f"  {name} step: the compiler refused it: {p['compile_error'][:300]}")
+        else:
+            lines.append(f"  {name} step per device: arguments {g(m['argument'])}, outputs {g(m['output'])} "
+                         f"({g(m['alias'])} aliased), temporaries {g(m['temp'])}, peak {g(m['peak'])}")
+    lines.append(f"  resident data per device (training set, evaluation batches): "
+                 f"{g(sum(r['resident_data_bytes_per_device'].values()))}; eval batch {run['eval_batch']}")
+    if "compile_error" in tr:
+        return "\n".join(lines)
     if tr["flops_per_image"]:
         a = r["analytic"]
         lines.append(f"  FLOPs: {tr['flops_per_step'] / 1e12:.3f} TFLOP per step, {tr['flops_per_image'] / 1e9:.2f} "
