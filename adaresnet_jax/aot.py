@@ -394,12 +394,13 @@ def describe(c: Compiled, n_dev: int, batch: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the report
 
 def usable_memory(target: Target) -> int:
-    """Bytes a program may use on one device: the GPU client's preallocated fraction, or the TPU's HBM."""
+    """Bytes a program may use on one device: the GPU client's preallocated fraction of the memory, or what the
+    TPU compiler makes available (``Device.usable_bytes``, else the HBM)."""
     dev = target.device
     if dev.platform == "gpu":
         frac = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
         return int(dev.memory_bytes * frac)
-    return dev.memory_bytes
+    return dev.usable_bytes or dev.memory_bytes
 
 
 def verdict(needed: int | None, available: int, refused: bool = False) -> str:
@@ -408,8 +409,9 @@ def verdict(needed: int | None, available: int, refused: bool = False) -> str:
         return f"does not fit: the compiler ran out of the device's {available / GIB:.2f} GiB"
     if needed <= available and not refused:
         return f"fits ({needed / GIB:.2f} of {available / GIB:.2f} GiB)"
-    return f"does not fit: needs {needed / GIB:.2f} GiB of {available / GIB:.2f}" + (
-        " (the compiler ran out of memory)" if refused else "")
+    if refused:
+        return f"does not fit: needs at least {needed / GIB:.2f} GiB of {available / GIB:.2f} (the compiler ran out of memory)"
+    return f"does not fit: needs {needed / GIB:.2f} GiB of {available / GIB:.2f}"
 
 
 def roofline(flops_per_device: float | None, bytes_per_device: float | None, target: Target, dtype_name: str,
@@ -446,10 +448,13 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 def out_of_memory(message: str) -> dict[str, Any] | None:
     """The compiler's refusal of a program that does not fit in the device's memory (the TPU compiler fails with
-    RESOURCE_EXHAUSTED instead of returning a program), as {"compile_error", "used_bytes"}; None for other errors."""
+    RESOURCE_EXHAUSTED instead of returning a program), as {"compile_error", "used_bytes"} (the temporaries it
+    says the program needs, a lower bound on the total; None when the message gives no figure); None for other
+    errors."""
     if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
         return None
-    m = re.search(r"[Uu]sed ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", message)
+    # libtpu 0.0.50: "the total memory required for HLO temporaries (411.44G) exceeds available HBM (15.75G)"
+    m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
     used = int(float(m[1]) * _UNITS[m[2]]) if m else None
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     return {"compile_error": " ".join(lines[:3])[:600], "used_bytes": used}
@@ -476,6 +481,8 @@ def compile_once(cfg: Config, target: Target, devices: list[Any], shapes: DataSh
         out["eval"] = _compile_described(progs.eval, progs.eval_args, len(devices), progs.eval_batch)
     if any(p["memory"]["peak"] is None for p in out.values()):
         return out, None, progs
+    if any("compile_error" in p for p in out.values()):  # the refused program's temporaries alone
+        return out, max(p["memory"]["peak"] for p in out.values() if "compile_error" in p), progs
     return out, _fits(out, progs), progs
 
 

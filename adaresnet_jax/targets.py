@@ -32,6 +32,7 @@ class Device:
     sources: dict[str, str]
     memory_note: str = ""
     peak_note: str = ""
+    usable_bytes: int | None = None  # what the compiler lets a program use, where known (else memory_bytes)
     tpu_topology_kwargs: dict | None = None  # extra arguments of get_topology_desc (v4, v5p: megacore chips)
 
 
@@ -48,7 +49,9 @@ DEVICES: dict[str, Device] = {d.key: d for d in (
     Device("v5e", "TPU v5e", "tpu", 16 * GIB, 819e9, {"bfloat16": 197e12, "float32": 197e12},
            {"all": "https://cloud.google.com/tpu/docs/v5e: peak compute per chip (bf16) 197 TFLOPs; "
                    "HBM2 capacity and bandwidth 16 GB, 819 GBps"},
-           memory_note="16 GB HBM2 per chip, taken as 16 GiB", peak_note=_TPU_F32),
+           memory_note="16 GB HBM2 per chip, taken as 16 GiB; a program may use 15.75 GiB (\"available HBM (15.75G)\" "
+                       "in the out-of-memory message of libtpu 0.0.50.1's compiler)",
+           peak_note=_TPU_F32, usable_bytes=int(15.75 * GIB)),
     Device("v4", "TPU v4", "tpu", 32 * GIB, 1200e9, {"bfloat16": 275e12, "float32": 275e12},
            {"all": "https://cloud.google.com/tpu/docs/v4: peak compute per chip (bf16) 275 TFLOPs; "
                    "HBM2 capacity and bandwidth 32 GiB, 1200 GBps"},

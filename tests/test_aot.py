@@ -74,18 +74,23 @@ def test_compile_only_single_host_tpu_fits(tmp_path: Path, capsys: pytest.Captur
 
 @needs_tpu_compiler
 def test_compile_only_multi_host_tpu_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A streamed run on a v5e 4x4 slice (16 chips over 4 hosts) at a global batch far past 16 GiB per chip:
-    exit code 4 and "does not fit"."""
-    code = T.main([*TINY, "--dataset", "imagenet2012", "--image-size", "32", "--batch-size", "262144",
+    """A streamed run on a v5e 4x4 slice (16 chips over 4 hosts) at a global batch far past 16 GiB per chip
+    (16384 images of 128 px per chip): the TPU compiler refuses the train step, the verdict says "does not fit"
+    with the memory the compiler asked for, exit code 4; the eval step (batch 64) still fits."""
+    code = T.main([*TINY, "--dataset", "imagenet2012", "--image-size", "128", "--batch-size", "262144",
                    "--eval-batch-size", "64", "--compile-only", "tpu:v5e:4x4", "--workdir", str(tmp_path)])
     assert code == aot.EXIT_DOES_NOT_FIT == 4
     r = _report(tmp_path)
     assert r["target"]["devices"] == 16 and r["target"]["hosts"] == 4
-    assert r["run"]["input"] == "streaming" and r["run"]["num_classes"] == 1000
-    assert not r["fits"] and r["verdict"].startswith("does not fit: needs ")
-    assert r["needed_bytes_per_device"] > r["target"]["usable_memory_bytes"] == 16 * 2**30
+    assert r["run"]["input"] == "streaming" and r["run"]["num_classes"] == 1000 and r["run"]["per_device_batch"] == 16384
+    assert not r["fits"] and r["verdict"].startswith("does not fit: needs at least ")
+    train = r["programs"]["train"]
+    assert "RESOURCE_EXHAUSTED" in train["compile_error"]
+    assert r["needed_bytes_per_device"] == train["used_bytes"] > r["target"]["usable_memory_bytes"] == int(15.75 * 2**30)
+    # 16384 images per chip: one 128x128x4 float32 feature map of the tiny network is 4 GiB, and a step keeps several
+    assert train["used_bytes"] > 2 * 2**30
     assert r["verdict"] in capsys.readouterr().out
-    _check_program(r["programs"]["train"], 16, 262144)
+    _check_program(r["programs"]["eval"], 16, 64)
 
 
 def test_targets_parse_and_configs() -> None:
