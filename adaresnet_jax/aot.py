@@ -630,5 +630,7 @@ def summary_text(r: dict[str, Any]) -> str:
         lines.append(f"  WARNING: CPU-only constructs in the program: {', '.join(tr['cpu_algorithms'])}")
     if "max_batch" in r:
         mb = r["max_batch"]
-        lines.append(f"  largest batch that fits: {mb['max_batch']} (first that does not: {mb['first_that_does_not_fit']})")
+        last = ("the whole training set: no larger batch exists" if mb["capped_by_training_set"]
+                else f"the next one tried, {mb['first_that_does_not_fit']}, does not")
+        lines.append(f"  largest batch that fits: {mb['max_batch']} ({last})")
     return "\n".join(lines)

@@ -77,7 +77,8 @@ def render(rows: dict) -> str:
             continue
         run, tr, rf = r["run"], r["programs"]["train"], r["roofline"]
         mb = r.get("max_batch")
-        mbs = "" if not mb else f"{mb['max_batch']}" + (" (all of the training set)" if mb["capped_by_training_set"] else "")
+        mbs = "not searched (time)" if not mb else f"{mb['max_batch']}" + (
+            " (all of the training set)" if mb["capped_by_training_set"] else "")
         lines.append(
             f"| {net} | {target} ({r['target']['devices']} dev, {r['target']['hosts']} host) | {run['global_batch']} "
             f"({run['per_device_batch']}) | {g(r['needed_bytes_per_device'])} of {g(r['target']['usable_memory_bytes'])}: "
