@@ -40,7 +40,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "preset", "epochs", "stop_after_epochs", "workdir", "data_dir", "quiet", "eval_only", "eval_from",
     "keep_checkpoints", "checkpoint_every", "coordinator", "num_processes", "process_id", "distributed",
     "eval_batch_size", "stop_timeout", "heartbeat_timeout", "stop_after_steps", "input_workers", "log_every_steps",
-    "eval_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "eval_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "compilation_cache",
 })
 # Schedules whose value at a step depends on the total number of steps (so on --epochs).
 TOTAL_STEP_SCHEDULES = frozenset({"cosine", "step", "onecycle"})
@@ -135,6 +135,14 @@ class Config:
     stop_after_steps: int | None = _f(None, "stop (with a checkpoint) after this many steps (mid-epoch allowed)")
     stop_timeout: float = _f(300.0, "seconds after SIGTERM within which the run must have saved and exited; "
                                     "past it (or on a second SIGTERM) it exits with code 3 without saving")
+    # ahead-of-time compilation (see adaresnet_jax/aot.py) and the compilation cache
+    compile_only: str | None = _f(None, "compile the run's train and eval steps for TARGET (tpu:v5e:2x2, tpu:v5e:16x16, "
+                                        "gpu:h100, gpu:h100:2x1x8, ...; see adaresnet_jax/targets.py), run nothing, "
+                                        "write compile_report.json in --workdir; exit code 4 if it does not fit")
+    find_max_batch: bool = _f(False, "with --compile-only: also find the largest global batch that fits (bisection)")
+    compilation_cache: str | None = _f(None, "persistent compilation cache folder: jax_compilation_cache_dir (every "
+                                             "program, however fast it compiled) and, on GPU, XLA's per-fusion "
+                                             "autotune results (also: $JAX_COMPILATION_CACHE_DIR)")
     # multi-host
     coordinator: str | None = _f(None, "address host:port of process 0 for jax.distributed.initialize")
     num_processes: int | None = _f(None, "number of processes of a multi-host run")
@@ -244,6 +252,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--data-dir {cfg.data_dir!r} would be ignored by --dataset digits (scikit-learn's "
                          "embedded digits): drop --data-dir, or name the data set it holds with --dataset "
                          "(npz, cifar10, cifar100 or a TFDS name)")
+    if cfg.find_max_batch and not cfg.compile_only:
+        raise ValueError("--find-max-batch needs --compile-only TARGET (it compiles, it does not train)")
     if cfg.eval_from == "best" and cfg.val_split == 0 and cfg.eval_only:
         raise ValueError("eval_from='best' needs a validation split (val_split > 0)")
 
@@ -277,10 +287,11 @@ examples:
   python train.py --workdir runs/paper --eval-only             # the run's own config, latest checkpoint
   python train.py --preset imagenet --skip identity --data-dir /data/imagenet   # train/<class>/*.JPEG, val/...
   python train.py --preset imagenet --data-dir ~/tensorflow_datasets           # TFDS imagenet2012 (ArrayRecord)
+  python train.py --preset imagenet --skip identity --compile-only tpu:v5e:16x16  # will it fit? (needs jax[tpu])
 
 Rerunning a command on its workdir resumes from the latest checkpoint; SIGTERM saves one and exits 0.
 Exit codes: 0 done (or stopped by SIGTERM), 1 non-finite loss or a failure, 2 bad input,
-3 no clean stop within --stop-timeout of SIGTERM (or a second SIGTERM).
+3 no clean stop within --stop-timeout of SIGTERM (or a second SIGTERM), 4 --compile-only: it does not fit.
 Multi-host: --coordinator/--num-processes/--process-id, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
 JAX_PROCESS_ID, or --distributed (auto-detection on TPU pods, SLURM); the workdir must be shared."""
 

@@ -26,7 +26,19 @@ from adaresnet_jax.config import Config
 from adaresnet_jax.data import Dataset
 from adaresnet_jax.data.streaming import DataError, DevicePrefetch, StreamingData, TrainStream, check_bad, \
     default_threads, eval_batches
-from adaresnet_jax.steps import State, make_epoch_permutation, make_epoch_tail, make_train_step, replicate
+from adaresnet_jax.steps import State, TrainStep, make_epoch_permutation, make_epoch_tail, make_train_step, replicate
+
+
+def train_step_for(cfg: Config, model: Any, tx: Any, mesh: Any, spe: int, mean: Any, std: Any, dtype: Any, *,
+                   streaming: bool) -> TrainStep:
+    """The train step of a run (also what ``--compile-only`` compiles): augmentation inside the step on the
+    resident path; nothing in the step when streaming (the host augments)."""
+    if streaming:
+        return make_train_step(model, tx, mesh=mesh, mean=mean, std=std, label_smoothing=cfg.label_smoothing,
+                               dtype=dtype, seed=cfg.seed)
+    return make_train_step(model, tx, mesh=mesh, mean=mean, std=std, crop_pad=cfg.crop_pad if cfg.augment else 0,
+                           flip=cfg.augment and cfg.flip, label_smoothing=cfg.label_smoothing, dtype=dtype,
+                           seed=cfg.seed, steps_per_epoch=spe)
 
 
 class ResidentInput:
@@ -37,10 +49,7 @@ class ResidentInput:
         self.spe, self.bs = spe, cfg.batch_size
         self.full = len(ds.x_train) // self.bs  # full batches an epoch; spe is full + 1 with a partial last one
         self.x_all, self.y_all = replicate(ds.x_train, mesh), replicate(ds.y_train.astype(np.int32), mesh)
-        self.steps = make_train_step(model, tx, mesh=mesh, mean=mean, std=std,
-                                     crop_pad=cfg.crop_pad if cfg.augment else 0, flip=cfg.augment and cfg.flip,
-                                     label_smoothing=cfg.label_smoothing, dtype=dtype, seed=cfg.seed,
-                                     steps_per_epoch=spe)
+        self.steps = train_step_for(cfg, model, tx, mesh, spe, mean, std, dtype, streaming=False)
         self.epoch_perm = make_epoch_permutation(cfg.seed, len(ds.x_train), self.bs, mesh)
         self.epoch_tail = make_epoch_tail(cfg.seed, len(ds.x_train), self.bs, mesh, multiple=jax.device_count())
         self.epoch = -1
@@ -88,8 +97,7 @@ class StreamingInput:
         self.cfg, self.sd, self.bs = cfg, sd, cfg.batch_size
         self.size = cfg.image_size or 224
         self.data = NamedSharding(mesh, P("data"))
-        self.steps = make_train_step(model, tx, mesh=mesh, mean=mean, std=std, label_smoothing=cfg.label_smoothing,
-                                     dtype=dtype, seed=cfg.seed)  # augmented on the host: nothing in the step
+        self.steps = train_step_for(cfg, model, tx, mesh, spe, mean, std, dtype, streaming=True)
         self.key = jax.jit(lambda: jax.random.key(0), out_shardings=NamedSharding(mesh, P()))()  # unused by it
         workers = default_threads() if cfg.input_workers is None else cfg.input_workers
         self.stream = TrainStream(sd, batch=self.bs, steps_per_epoch=spe, end_step=end_step, start_step=start_step,

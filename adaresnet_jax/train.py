@@ -20,6 +20,8 @@ complete checkpoint when the same command is rerun; a checkpoint saved on anothe
 restored onto the current devices, and the run says so. 3: the run had not stopped within
 --stop-timeout seconds of a SIGTERM, or a second SIGTERM came (see :mod:`adaresnet_jax.stopping`; SIGINT,
 Ctrl-C, counts as SIGTERM there). 130: SIGINT before or after the training loop (one line, nothing saved).
+4: ``--compile-only TARGET`` compiled the run for TARGET and it does not fit in the device's memory
+(:mod:`adaresnet_jax.aot`; 0 when it fits).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaresnet_jax import aot, runconfig
 from adaresnet_jax import checkpoint as ckpt_lib
-from adaresnet_jax import runconfig
 from adaresnet_jax.config import RESUME_SAFE_FIELDS, TOTAL_STEP_SCHEDULES, Config, parse_config
 from adaresnet_jax.data import DataError, Dataset, fetch
 from adaresnet_jax.data.streaming import StreamingData, inspect
@@ -112,6 +114,9 @@ def run(cfg: Config) -> dict[str, Any]:
     or changed) and NonFiniteLoss when training diverges.
     """
     wall0 = time.perf_counter()
+    aot.use_compilation_cache(cfg.compilation_cache)
+    if cfg.compile_only:  # compile for a target, run nothing (adaresnet_jax/aot.py)
+        return aot.compile_run(cfg)
     _init_distributed(cfg)
     workdir = Path(cfg.workdir)
     saved = runconfig.load_config(workdir)
@@ -493,13 +498,14 @@ def _summary(c: _Context, rows: list[dict[str, Any]], state: State, *, wall0: fl
         "devices": {"count": len(devices), "processes": jax.process_count(), "platform": devices[0].platform,
                     "kind": devices[0].device_kind},
         "versions": versions(), "config": dataclasses.asdict(c.cfg),
+        "compilation_cache": aot.cache_stats(),
         "provenance": provenance(conv_impl=c.model.conv_impl),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry: 0 done (or stopped by SIGTERM with a checkpoint), 1 diverged or failed,
-    2 bad input, 3 no clean stop within --stop-timeout of SIGTERM.
+    """Command line entry: 0 done (or stopped by SIGTERM with a checkpoint; --compile-only: it fits), 1 diverged or
+    failed, 2 bad input, 3 no clean stop within --stop-timeout of SIGTERM, 4 --compile-only: it does not fit.
 
     In a multi-process run every failure ends the process at once with ``os._exit`` after its message:
     a normal exit would wait at jax.distributed's shutdown barrier for peers that may be stuck in a
@@ -508,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     cfg = parse_config(argv)
     try:
-        run(cfg)
-        return 0
+        summary = run(cfg)
+        return 4 if cfg.compile_only and not summary["fits"] else 0  # aot.EXIT_DOES_NOT_FIT
     except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT stops like SIGTERM)
         code, msg = 130, "interrupted (SIGINT) outside the training loop: no checkpoint was saved for it"
     except UsageError as e:

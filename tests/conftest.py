@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+# The suite runs on the CPU. libtpu (the test extra: tests/test_aot.py compiles for TPUs) would otherwise make
+# JAX look for a TPU at start-up; compiling for a target needs no backend of its kind.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 CIFAR_ENV = "ADARESNET_CIFAR_NPZ"
 
