@@ -18,7 +18,7 @@ py=${PYTHON:-python3}
 data=${CIFAR10_NPZ:-.bench/cifar10_jpeg.npz}
 if [ "${SMOKE:-0}" = 1 ]; then
   models=tiny; f32_model=tiny; bench=(--batch-sizes 16 --rounds 2 --steps 1)
-  conv=(--model tiny --max-train 64 --max-test 64 --epochs 1 --batch-size 16)
+  conv=(--model tiny --max-train 64 --max-test 64 --epochs 1 --batch-size 16 --val-split 0)
 else
   models=resnet18_cifar,resnet50,paper; f32_model=resnet18_cifar; bench=(--batch-sizes 512 --rounds 5 --steps 20)
   conv=(--epochs 4 --batch-size 512 --lr 0.2)
