@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# The test extra brings libtpu (for the --compile-only tests): without JAX_PLATFORMS, JAX would probe for a TPU
+# at start-up and libtpu would print warnings on a machine that has none. The demo runs on the CPU.
 demo: setup
-	$(BIN)/python train.py --preset quick --workdir runs/quick
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python train.py --preset quick --workdir runs/quick
 
 test: setup
 	$(BIN)/python -m pytest -q
