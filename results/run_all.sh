@@ -83,8 +83,7 @@ depth_cifar() {  # Part 4: ResNet-56 at width 8, 5,000 images, the four rules, 2
 
 paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs (16-40 min a
   # seed on 2 CPU cores, depending on what else runs; results/gpu_science.sh on a GPU). Ran at commit 01c534e (round 3).
-  # seed 2 did not finish in round 3's session: --seeds 3 resumes the sweep and adds it
-  $conv --preset paper --skips identity,learned --seeds 2 --out $runs/paper-full --title "seed setup, full data" \
+  $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-full --title "seed setup, full data" \
       --dataset cifar10 --data-dir "$data" --conv-impl tuned
 }
 
@@ -155,7 +154,7 @@ replot_one() {  # convergence.py's command with --out pointed at results/<sweep>
 replot() {  # the committed sweeps' tables and plots, redrawn from their per-run files (no training), then summary.md
   local saved=$conv
   conv="replot_one $py benchmarks/convergence.py"
-  digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar
+  digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar; paper_full
   $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
       --variants "identity=--skip identity;learned-normal=--skip learned"
   conv=$saved
@@ -165,7 +164,7 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
 # The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 3).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       depth_cifar collect)
+                                       depth_cifar paper_full collect)
 [ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
   [ -n "$s" ] || continue
