@@ -249,22 +249,28 @@ def _wait_for_file(proc: subprocess.Popen, path: Path, timeout: float = 240) -> 
         time.sleep(0.02)
 
 
+def _signal_after_step_16(flags: list[str], wd: Path, marker: Path, sig: int) -> tuple[int, str]:
+    """Runs train.py holding after it saved step 16 (FAULT_PAUSE) until ``sig`` has reached it; (exit code, stderr)."""
+    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}")
+    try:
+        _wait_for_file(proc, marker)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 def test_sigterm_saves_and_resume_matches(tmp_path: Path) -> None:
     """The run holds after saving step 16 until SIGTERM has reached it (FAULT_PAUSE: no race with the run's
     end), so it stops at exactly step 17 with a checkpoint there; the same command resumes and ends
     bit-equal to an uninterrupted run."""
     flags = TINY + ["--augment", "--schedule", "cosine", "--epochs", "15", "--batch-size", "8",
                     "--max-train", "128", "--seed", "2"]
-    wd, marker = tmp_path / "run", tmp_path / "paused"
-    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}")
-    try:
-        _wait_for_file(proc, marker)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    wd = tmp_path / "run"
+    code, err = _signal_after_step_16(flags, wd, tmp_path / "paused", signal.SIGTERM)
+    assert code == 0, err
     assert "received SIGTERM: saved a checkpoint at step 17 " in err and "rerun the same command" in err
     step, _ = final_params(wd)
     assert step == 17
@@ -281,15 +287,8 @@ def test_sigint_stops_like_sigterm(tmp_path: Path) -> None:
     held (FAULT_COMMIT_DELAY), exits at once with code 3."""
     flags = TINY + ["--epochs", "15", "--batch-size", "8", "--max-train", "128"]
     wd, marker = tmp_path / "once", tmp_path / "paused"
-    proc = _faulty_train(flags, wd, FAULT_PAUSE=f"16:{marker}")
-    try:
-        _wait_for_file(proc, marker)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    code, err = _signal_after_step_16(flags, wd, marker, signal.SIGINT)
+    assert code == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1].startswith("received SIGINT: saved a checkpoint at step 17 "), err
     assert final_params(wd)[0] == 17 and not list((wd / "checkpoints").glob("*tmp*"))
 
