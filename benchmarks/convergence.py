@@ -116,8 +116,14 @@ def run_sweep(a: argparse.Namespace, train_args: list[str]) -> dict[str, list[di
 
 
 def to_reach(rows: list[dict[str, Any]], target: float) -> int | None:
-    """First epoch (1-based) whose test accuracy reaches ``target``."""
-    return next((r["epoch"] for r in rows if r["test_acc"] >= target), None)
+    """First epoch (1-based) whose test accuracy reaches ``target`` (among the evaluated epochs)."""
+    return next((r["epoch"] for r in evaluated(rows) if r["test_acc"] >= target), None)
+
+
+def evaluated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that carry a test evaluation (all of them, unless the run evaluated every few epochs with
+    ``--eval-every-steps``)."""
+    return [r for r in rows if r.get("test_acc") is not None]
 
 
 def _pct(d: dict[str, float], key: str = "diff") -> str:
@@ -132,7 +138,7 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict
     names = list(a.variants)
     base = names[0]
     finals = {v: [r["summary"]["test_acc"] for r in runs[v]] for v in names}
-    lastk = {v: [stats.last_k_mean([row["test_acc"] for row in r["rows"]], a.last_k) for r in runs[v]] for v in names}
+    lastk = {v: [stats.last_k_mean([row["test_acc"] for row in evaluated(r["rows"])], a.last_k) for r in runs[v]] for v in names}
     train_acc = {v: [r["rows"][-1]["train_acc"] for r in runs[v]] for v in names}
     targets = ([float(t) for t in a.targets.split(",")] if a.targets else
                [round(statistics.fmean(finals[base]) * f, 3) for f in (0.8, 0.9, 0.97)])
@@ -261,14 +267,16 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
     names, what = list(a.variants), _describe(a, runs)
     base = names[0]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), sharey=True)
-    titles = {"test_acc": "test accuracy after each epoch",
+    sparse = any(len(evaluated(r["rows"])) < len(r["rows"]) for rs in runs.values() for r in rs)
+    titles = {"test_acc": "test accuracy at each evaluated epoch" if sparse else "test accuracy after each epoch",
               "train_acc": "training accuracy: running mean over each epoch (train mode)"}
     for ax, key in zip(axes, ("test_acc", "train_acc")):
         for v in names:
             mark = _other_code(runs, v, base)
             label = f"{v} ({_init_label(runs[v][0])})".replace(" ()", "") + f", {len(runs[v])} seeds" + mark
-            _band(ax, [[row["epoch"] for row in r["rows"]] for r in runs[v]],
-                  [[100 * row[key] for row in r["rows"]] for r in runs[v]], color(v, names), label,
+            rows = [[row for row in r["rows"] if row.get(key) is not None] for r in runs[v]]
+            _band(ax, [[row["epoch"] for row in rs] for rs in rows],
+                  [[100 * row[key] for row in rs] for rs in rows], color(v, names), label,
                   ls="--" if mark else "-")
         ax.set(xlabel="epoch", ylabel="accuracy (%)", title=titles[key])
         ax.title.set_fontsize(9)

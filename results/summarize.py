@@ -112,7 +112,7 @@ def runs(sweep: str, variant: str, root: Path = ROOT) -> list[dict[str, Any]]:
         if not summary.get("finished"):
             break
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        out.append({"final": summary["test_acc"], "last_k": stats.last_k_mean([r["test_acc"] for r in rows], LAST_K),
+        out.append({"final": summary["test_acc"], "last_k": stats.last_k_mean([r["test_acc"] for r in rows if r.get("test_acc") is not None], LAST_K),
                     "train_acc": rows[-1]["train_acc"], "provenance": stats.run_provenance(d, summary)})
     return out
 

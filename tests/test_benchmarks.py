@@ -76,6 +76,23 @@ def test_throughput_writes_no_file_unless_asked(tmp_path, monkeypatch, capsys):
     assert "raw timings: not kept (pass --out FILE)" in out and out.count("| tiny |") == 1
 
 
+def test_convergence_with_sparse_evaluation(tmp_path):
+    """Runs that evaluate every few epochs (--eval-every-steps) have rows without test accuracy: the report's
+    time-to-target and last-k use only evaluated epochs, and the plots are drawn."""
+    out = tmp_path / "sparse"
+    args = ["--preset", "quick", "--seeds", "1", "--out", str(out), "--targets", "0.0", "--skips", "identity,learned",
+            "--model", "tiny", "--epochs", "3", "--max-train", "128", "--max-test", "64", "--batch-size", "32",
+            "--val-split", "0", "--eval-every-steps", "8"]
+    result = convergence.main(args)
+    rows = convergence.read_jsonl(out / "learned-seed0" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[0]["test_acc"] is None
+    assert [r["epoch"] for r in convergence.evaluated(rows)] == [2, 3]
+    rule = result["rules"]["learned"]
+    assert rule["reach"][0]["epochs"] == [2]  # target 0: the first evaluated epoch, not epoch 1
+    assert rule["last_k"] == [pytest.approx((rows[1]["test_acc"] + rows[2]["test_acc"]) / 2)]
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
 def test_throughput_rejects_bad_flags():
     with pytest.raises(SystemExit) as e:
         throughput.main(["--models", "resnet9000"])
