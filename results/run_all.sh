@@ -100,9 +100,10 @@ paper_normal() {  # 5a: the seed script's variant (downsampling blocks' w ~ Rand
 
 controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside learned from 0 and from 1, ResNet-20,
   # CIFAR-10 5k (--skip-lr-mult 0 scales the skip weights' update to exactly 0 under SGD, Adam and AdamW, and
-  # weight decay never reaches them: tests/test_summarize.py); about 3 min a run here, 15 runs
+  # weight decay never reaches them: tests/test_summarize.py); test accuracy at epochs 5 and 10 only (see budget);
+  # about 3 min a run here, 15 runs
   $conv --preset cifar --seeds 3 --out $runs/controls-cifar-r20-5k --title "controls, CIFAR-10 5k, resnet20" \
-      --model resnet20 "${c5k[@]}" --variants "identity=--skip identity;frozen0=--skip learned --skip-lr-mult 0;\
+      --model resnet20 "${c5k[@]}" --eval-every-steps 195 --variants "identity=--skip identity;frozen0=--skip learned --skip-lr-mult 0;\
 frozen1=--skip learned --skip-init 1 --skip-lr-mult 0;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
