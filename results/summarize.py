@@ -84,7 +84,7 @@ COMPARISONS = [
       for v in ("frozen0", "frozen1", "learned", "learned-w1")],
     _c("controls, CIFAR-10 5k, ResNet-20: learned vs frozen0", "controls-cifar-r20-5k", "frozen0", "learned"),
     *[_c(f"budget, CIFAR-10 5k, ResNet-20, {e} epochs: {v} vs identity", f"budget-cifar-r20-5k-{e}ep", "identity", v)
-      for e in (10, 30, 100) for v in ("learned", "learned-w1")],
+      for e in (30, 100) for v in ("learned", "learned-w1")],  # 10 epochs: the controls rows
     *[_c(f"CIFAR-10 5k, ResNet-20, skip lr multiplier: {v} vs identity", "lr-cifar-r20-5k", "identity", v)
       for v in ("learned", "learned-x3", "learned-x10", "learned-x30")],
     *[_c(f"seed setup (paper), CIFAR-10 5k: {v} vs identity", "paper-5k-normal", "identity", v)
@@ -112,7 +112,9 @@ def runs(sweep: str, variant: str, root: Path = ROOT) -> list[dict[str, Any]]:
         if not summary.get("finished"):
             break
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        out.append({"final": summary["test_acc"], "last_k": stats.last_k_mean([r["test_acc"] for r in rows if r.get("test_acc") is not None], LAST_K),
+        tested = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
+        out.append({"final": summary["test_acc"],  # last_k: None for a run not tested after every epoch
+                    "last_k": stats.last_k_mean(tested, LAST_K) if len(tested) == len(rows) else None,
                     "train_acc": rows[-1]["train_acc"], "provenance": stats.run_provenance(d, summary)})
     return out
 
@@ -135,7 +137,8 @@ def compare(c: Comparison, root: Path = ROOT) -> dict[str, Any] | None:
         if paired:
             a, b = a[:n], b[:n]
     test = stats.paired if paired else stats.welch
-    res = {key: test([r[key] for r in a], [r[key] for r in b]) for key in ("final", "last_k", "train_acc")}
+    res = {key: None if any(r[key] is None for r in a + b) else test([r[key] for r in a], [r[key] for r in b])
+           for key in ("final", "last_k", "train_acc")}
     return {"c": c, "a": a, "b": b, "paired": paired, "note": note, "res": res,
             "n": f"{len(a)}" if len(a) == len(b) else f"{len(a)} / {len(b)}"}
 
@@ -145,7 +148,8 @@ def families(done: list[dict[str, Any]]) -> dict[str, list[float]]:
     nan = float("nan")
     raw = {"P": [d["res"]["final"]["p"] for d in done],
            "W": [d["res"]["final"].get("wilcoxon_p", nan) for d in done],
-           "L": [d["res"]["last_k"]["p"] for d in done], "T": [d["res"]["train_acc"]["p"] for d in done]}
+           "L": [d["res"]["last_k"]["p"] if d["res"]["last_k"] else nan for d in done],
+           "T": [d["res"]["train_acc"]["p"] for d in done]}
     out = {}
     for fam, ps in raw.items():
         ps = [nan if d["c"].label in DUPLICATES else p for d, p in zip(done, ps)]
@@ -157,7 +161,9 @@ def _p(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
 
 
-def _ci(d: dict[str, float]) -> str:
+def _ci(d: dict[str, float] | None) -> str:
+    if d is None:  # not computed: runs tested only every few epochs have no last-3-epoch mean
+        return "-"
     if d["lo"] != d["lo"]:  # no interval (zero spread: e.g. 100% training accuracy in every run)
         return f"{100 * d['diff']:+.2f} [-]"
     return f"{100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
@@ -173,7 +179,8 @@ def table(root: Path = ROOT) -> str:
         f"each of four named families ({fam_lines}). The {sum(d['c'].label in DUPLICATES for d in done)} rows marked "
         "'dup' reuse runs of another row and are in no family. Test accuracy in %; differences B - A with 95% "
         "intervals; paired by seed unless marked Welch (with the reason: different networks, or runs of "
-        "different commits or convolutions). Training accuracy is the running train-mode mean over the last epoch.",
+        "different commits or convolutions). Sweeps tested only every few epochs have no last-3-epoch column. "
+        "Training accuracy is the running train-mode mean over the last epoch.",
         "",
         "| comparison (A vs B) | seeds (A / B) | A final | B final | B - A final [95% CI] | p (P) | Holm p (P) "
         "| Wilcoxon p (W) | Holm p (W) | seeds B>A / B<A | B - A, last 3 epochs [95% CI] | p (L) | Holm p (L) "
@@ -193,7 +200,7 @@ def table(root: Path = ROOT) -> str:
         lines.append(
             f"| {label} | {d['n']} | {100 * ma:.2f} +- {100 * sa:.2f} | {100 * mb:.2f} +- {100 * sb:.2f} | {_ci(f)} "
             f"| {_p(f['p'])} | {_p(holm['P'][i])} | {_p(f.get('wilcoxon_p', float('nan')))} | {_p(holm['W'][i])} "
-            f"| {signs} | {_ci(k)} | {_p(k['p'])} | {_p(holm['L'][i])} | {_ci(t)} | {_p(t['p'])} | {_p(holm['T'][i])} |")
+            f"| {signs} | {_ci(k)} | {_p(k['p'] if k else float('nan'))} | {_p(holm['L'][i])} | {_ci(t)} | {_p(t['p'])} | {_p(holm['T'][i])} |")
     return "\n".join(lines + ["", provenance_table(root)])
 
 
