@@ -175,6 +175,11 @@ class Config:
 
         return self.compute_dtype_for(jax.devices())
 
+    @property
+    def image_px(self) -> int:
+        """The square image size of image folders and streamed sets: ``image_size``, or 224 when unset."""
+        return self.image_size or 224
+
     def compute_dtype_for(self, devices: Any) -> str:
         """``dtype`` with "auto" resolved for ``devices`` (a Mesh or jax.Device list): float32 on CPU, else bfloat16."""
         from adaresnet_jax.conv import compute_dtype_for
