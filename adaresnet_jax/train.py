@@ -154,10 +154,10 @@ def run(cfg: Config) -> dict[str, Any]:
         inputs = open_input(cfg, data.ds, mesh, steps_per_epoch=spe, steps=range(start_step, end_step),
                             saved=data_state, say=say)
         loop = Loop(cfg, Every.for_run(cfg, spe), make_train_step(model, tx, opts, mesh=mesh), inputs, evaluator,
-                    ckpts, lr, state, start_step)
+                    ckpts, lr)
         about = _About("streaming" if data.streaming else "resident", data.classes, opts.mean, opts.std,
                        model.conv_impl)
-        return _train(loop, about, wall0)
+        return _train(loop, state, start_step, about, wall0)
     except DataError as e:  # too many unreadable images while streaming
         raise UsageError(str(e)) from None
     finally:
@@ -447,10 +447,11 @@ class Loop:
     """
 
     def __init__(self, cfg: Config, every: Every, train_step: TrainStep, inputs: ResidentInput | StreamingInput,
-                 evaluator: Evaluator, ckpts: ckpt_lib.Checkpoints, lr: Callable[[int], Any], state: State,
-                 step: int) -> None:
+                 evaluator: Evaluator, ckpts: ckpt_lib.Checkpoints, lr: Callable[[int], Any]) -> None:
         self.cfg, self.every, self.train_step, self.inputs = cfg, every, train_step, inputs
-        self.evaluator, self.ckpts, self.lr, self.state, self.step = evaluator, ckpts, lr, state, step
+        self.evaluator, self.ckpts, self.lr = evaluator, ckpts, lr
+        self.state: State = {}
+        self.step = 0
         self.log: RunLog | None = None
         self.window: list[tuple[Any, int]] = []  # (metrics on device, images) of each step since the last row
         self.pending: tuple[Any, ...] | None = None  # a row to log once the next step is queued
@@ -458,8 +459,10 @@ class Loop:
         self.clock = _Clock(0.0)
         self.t_win = self.last_save = time.perf_counter()
 
-    def compile(self) -> None:
-        """Compiles the train and eval steps ahead of time, so no step below is timed with its compile."""
+    def compile(self, state: State, step: int) -> None:
+        """Starts at ``state`` after global step ``step``: compiles the train and eval steps ahead of time, so no
+        step below is timed with its compile."""
+        self.state, self.step = state, step
         self.compiled = CompiledStep(self.train_step, self.state, self.inputs.examples(self.step))
         self.evaluator.compile(self.state)
 
@@ -617,10 +620,11 @@ class _About:
     conv_impl: str
 
 
-def _train(loop: Loop, about: _About, wall0: float) -> dict[str, Any]:
-    """Compiles, runs ``loop`` and writes the summary (summary.json, plots, a last line); a rerun of a finished
-    command keeps its outputs. Returns the summary, or {"interrupted": True, "step"} after a stop signal."""
-    cfg, start_step, spe = loop.cfg, loop.step, loop.every.spe
+def _train(loop: Loop, state: State, start_step: int, about: _About, wall0: float) -> dict[str, Any]:
+    """Compiles, runs ``loop`` from ``state`` after global step ``start_step`` and writes the summary
+    (summary.json, plots, a last line); a rerun of a finished command keeps its outputs. Returns the summary,
+    or {"interrupted": True, "step"} after a stop signal."""
+    cfg, spe = loop.cfg, loop.every.spe
     say = lambda msg: _say(jax.process_index() == 0, msg)  # noqa: E731
     if start_step >= loop.every.end:  # rerun of a finished command: keep its outputs as they are
         say(f"nothing to do: {cfg.workdir} already holds step {start_step} (epoch {start_step // spe}); "
@@ -629,7 +633,7 @@ def _train(loop: Loop, about: _About, wall0: float) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.exists() else {"step": start_step}
     log = RunLog(Path(cfg.workdir), enabled=jax.process_index() == 0, resume_step=start_step)
     t0 = time.perf_counter()
-    loop.compile()
+    loop.compile(state, start_step)
     loop.clock = _Clock(wall0, compile_time=time.perf_counter() - t0)
     if start_step:
         say(f"resumed from step {start_step} (epoch {start_step // spe + 1}, step {start_step % spe} of {spe})")

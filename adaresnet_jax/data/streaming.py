@@ -41,7 +41,7 @@ import numpy as np
 from adaresnet_jax.data import images as img
 from adaresnet_jax.data.folder import check_data_dir, is_image_folder, scan
 from adaresnet_jax.data.errors import DataError
-from adaresnet_jax.data.sources import channel_stats, open_tfds
+from adaresnet_jax.data.sources import Split, channel_stats, open_tfds
 
 RESIDENT_ONLY = ("digits", "npz", "cifar10", "cifar100")  # names that are read into memory by sources.py
 CHUNK = 64  # most images one grain element (one worker's unit of work) holds
@@ -118,13 +118,9 @@ def open_streaming(name: str, data_dir: str | None, *, val_split: float = 0.0, s
         classes = list(features["label"].names)
         shape = tuple(features["image"].shape)
         shape = shape if all(isinstance(d, int) for d in shape) else None
-    n = len(train)
-    n_val = max(1, round(val_split * n)) if val_split > 0 else 0
-    if n_val >= n:
-        raise DataError(f"val_split={val_split} of {n} training images leaves none to train on: lower it")
-    perm = np.random.default_rng(seed).permutation(n)  # the rule of sources.from_arrays
-    return StreamingData(name, kind, train, test, np.sort(perm[n_val:])[:max_train], np.sort(perm[:n_val]),
-                         np.arange(len(test))[:max_test], tuple(classes), shape)
+    train_idx, val_idx = Split(val_split, seed, max_train, max_test).indices(len(train))  # the resident path's rule
+    return StreamingData(name, kind, train, test, train_idx, val_idx, np.arange(len(test))[:max_test],
+                         tuple(classes), shape)
 
 
 # ----------------------------------------------------------------------------- the order and the chunks
