@@ -238,15 +238,15 @@ def build(cfg: Config, devices: list[Any], target: Target, shapes: DataShapes, b
 
     from adaresnet_jax.models import create_model
     from adaresnet_jax.optim import make_optimizer
-    from adaresnet_jax.steps import StepOptions, abstract_state, make_eval_step, make_mesh, make_train_step
-    from adaresnet_jax.train import _steps_per_epoch
+    from adaresnet_jax.steps import StepOptions, abstract_state, make_eval_step, make_mesh, make_train_step, \
+        steps_per_epoch
 
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
     n_dev = len(devices)
     mesh = make_mesh(devices)
     overrides, dtype = _target_model_overrides(cfg, devices)
     model = create_model(cfg.model, num_classes=shapes.num_classes, skip=cfg.skip, **overrides)
-    spe = _steps_per_epoch(cfg, shapes.n_train, n_dev)
+    spe = steps_per_epoch(cfg, shapes.n_train, n_dev)
     tx, _ = make_optimizer(cfg, spe)
     c = shapes.image_shape[-1]
     # the values are constants in the program; a run computes them from its data (same shapes, same cost)

@@ -196,6 +196,12 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, opts: StepOpti
                      on_indices=jit(from_indices, (repl,) * 4))
 
 
+def steps_per_epoch(cfg: Config, n: int, n_dev: int) -> int:
+    """Steps an epoch of ``n`` training images: full batches, plus one for the last partial batch with
+    --no-drop-last (cut to a multiple of the device count ``n_dev``; none if that leaves nothing)."""
+    return n // cfg.batch_size + (0 if cfg.drop_last or n % cfg.batch_size < n_dev else 1)
+
+
 class Batch(NamedTuple):
     """One training batch as an input yields it (:mod:`adaresnet_jax.inputs`): ``entry``, the :class:`TrainStep`
     entry point that takes it ("on_batch", "on_dataset" or "on_indices"); ``args``, its arguments after the

@@ -10,6 +10,14 @@ every --checkpoint-every-steps and after --checkpoint-every-minutes; each defaul
 A row that only logs is fetched one step late, so the host never waits for the device there.
 Outputs, checkpoints and resume: see :mod:`adaresnet_jax.metrics` and :mod:`adaresnet_jax.checkpoint`.
 
+Reading order (the file follows it): :func:`main` parses the command line and calls :func:`run`, which checks
+the workdir and the data (:func:`_open_workdir`, :func:`_read_data`), builds the model, optimizer, steps
+(:class:`adaresnet_jax.steps.StepOptions`), evaluator and checkpoints, restores or creates the state
+(:func:`_restore_or_create`) and opens the training batches (:func:`adaresnet_jax.inputs.open_input`); then
+:class:`Loop` trains, with each periodic action a method (:meth:`Loop._row`, :meth:`Loop._checkpoint`,
+:meth:`Loop._keep_best`, :meth:`Loop._stopped`) and :class:`Every` saying when each is due; :func:`_train`
+compiles, runs the loop and writes the summary (:func:`_summary`).
+
 Exit codes of ``main``: 0 finished (or stopped by SIGTERM or SIGINT after saving a checkpoint), 1 the loss
 became non-finite (nothing saved from the bad state) or a multi-process run failed, 2 bad input (one
 line on stderr, before any compile and before the workdir is touched) or a workdir whose every
@@ -52,7 +60,8 @@ from adaresnet_jax.optim import decay_mask, make_optimizer, make_schedule, skip_
 from adaresnet_jax.provenance import provenance, versions
 from adaresnet_jax.steps import (  # noqa: F401 (re-exported)
     CompiledStep, Evaluator, State, StepOptions, TrainStep, abstract_state, create_state, make_epoch_batches,
-    make_epoch_permutation, make_epoch_tail, make_eval_step, make_mesh, make_train_step, replicate, shard_batch)
+    make_epoch_permutation, make_epoch_tail, make_eval_step, make_mesh, make_train_step, replicate, shard_batch,
+    steps_per_epoch)
 from adaresnet_jax.stopping import StopOnSigterm
 
 
@@ -64,7 +73,96 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/Inf: main() prints it and exits with code 1."""
 
 
-# ----------------------------------------------------------------------------- the run
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: 0 done (or stopped by SIGTERM with a checkpoint; --compile-only: it fits), 1 diverged or
+    failed, 2 bad input, 3 no clean stop within --stop-timeout of SIGTERM, 4 --compile-only: it does not fit.
+
+    In a multi-process run every failure ends the process at once with ``os._exit`` after its message:
+    a normal exit would wait at jax.distributed's shutdown barrier for peers that may be stuck in a
+    collective with it; the coordination service then ends the other processes within
+    --heartbeat-timeout seconds.
+    """
+    cfg = parse_config(argv)
+    try:
+        summary = run(cfg)
+        return 4 if cfg.compile_only and not summary["fits"] else 0  # aot.EXIT_DOES_NOT_FIT
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT stops like SIGTERM)
+        code, msg = 130, "interrupted (SIGINT) outside the training loop: no checkpoint was saved for it"
+    except UsageError as e:
+        code, msg = 2, str(e)
+    except NonFiniteLoss as e:
+        code, msg = 1, str(e)
+    except Exception as e:  # noqa: BLE001
+        if jax.process_count() == 1:
+            raise
+        traceback.print_exc()
+        code, msg = 1, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Trains (or with ``eval_only`` evaluates) as ``cfg`` says; returns the summary dict.
+
+    Raises UsageError for bad input (before any compile, and before anything in the workdir is created
+    or changed) and NonFiniteLoss when training diverges. Top to bottom: the workdir and the data are checked,
+    the model, optimizer, steps, evaluator and checkpoints built, the state restored or created, then the
+    training loop (:class:`Loop`) and the summary (:func:`_train`).
+    """
+    wall0 = time.perf_counter()
+    aot.use_compilation_cache(cfg.compilation_cache)
+    if cfg.compile_only:  # compile for a target, run nothing (adaresnet_jax/aot.py)
+        return aot.compile_run(cfg)
+    _init_distributed(cfg)
+    cfg, saved, resuming = _open_workdir(cfg)
+    data = _read_data(cfg)
+    _prepare_workdir(Path(cfg.workdir))
+    proc0 = jax.process_index() == 0
+    say = lambda msg: _say(proc0, msg)  # noqa: E731
+    _warn_if_schedule_changes(cfg, saved, resuming, say)
+
+    mesh = make_mesh()
+    spe = steps_per_epoch(cfg, data.n_train, jax.device_count())
+    try:
+        model = create_model(cfg.model, num_classes=data.ds.num_classes, skip=cfg.skip, **cfg.model_overrides(mesh))
+    except ValueError as e:  # a CPU convolution asked for GPU/TPU devices
+        raise UsageError(str(e)) from None
+    tx, lr = make_optimizer(cfg, spe)
+    dtype = jnp.bfloat16 if cfg.compute_dtype_for(mesh) == "bfloat16" else jnp.float32
+    opts = StepOptions.for_run(cfg, data.norm(cfg), dtype, steps_per_epoch=spe, streaming=data.streaming)
+    train_step = make_train_step(model, tx, opts, mesh=mesh)
+    eval_step = make_eval_step(model, mesh=mesh, mean=opts.mean, std=opts.std, dtype=opts.dtype)
+    abstract = abstract_state(model, tx, data.image_shape, mesh=mesh)
+    with_best = cfg.val_split > 0 and (not cfg.eval_only or (Path(cfg.workdir) / "best").is_dir())
+    ckpts = ckpt_lib.Checkpoints(Path(cfg.workdir), keep=cfg.keep_checkpoints, with_best=with_best,
+                                 read_only=cfg.eval_only, with_data=data.streaming)
+    evaluator = Evaluator(eval_step, open_eval(cfg, data.ds, data.eval_batch_size(cfg), mesh))
+    inputs = None
+    try:
+        if cfg.eval_only:
+            return _eval_only(cfg, ckpts, abstract, evaluator)
+        start_step, state, data_state = _restore_or_create(cfg, ckpts, abstract, lambda: _new_state(
+            cfg, model, tx, mesh, data.image_shape), say)
+        _write_run_files(cfg, data.classes)
+        end_step = _end_step(cfg, spe)
+        inputs = open_input(cfg, data.ds, mesh, steps_per_epoch=spe, steps=range(start_step, end_step),
+                            saved=data_state, say=say)
+        loop = Loop(cfg, Every.for_run(cfg, spe), train_step, inputs, evaluator, ckpts, lr)
+        about = _About("streaming" if data.streaming else "resident", data.classes, opts.mean, opts.std,
+                       model.conv_impl)
+        return _train(loop, state, start_step, about, wall0)
+    except DataError as e:  # too many unreadable images while streaming
+        raise UsageError(str(e)) from None
+    finally:
+        if inputs is not None:
+            inputs.close()
+        ckpts.close()
+
+
+# ----------------------------------------------------------------------------- the workdir and the data
 
 def _init_distributed(cfg: Config) -> None:
     """jax.distributed.initialize from --coordinator/--num-processes/--process-id, else from the
@@ -82,91 +180,6 @@ def _init_distributed(cfg: Config) -> None:
                                        cluster_detection_method="deactivate" if explicit else None,
                                        heartbeat_timeout_seconds=cfg.heartbeat_timeout)
 
-
-def _prepare_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"workdir '{workdir}' is not writable ({e.strerror or e}): pass a writable --workdir") from None
-
-
-def _load(cfg: Config) -> tuple[Dataset | StreamingData, tuple[str, ...] | None]:
-    """(data, class names): see :func:`adaresnet_jax.inputs.open_data`; in a multi-host run with a download,
-    process 0 downloads before the others read it."""
-    try:
-        if cfg.dataset in ("cifar10", "cifar100") and cfg.data_dir is None and jax.process_count() > 1:
-            if jax.process_index() == 0:
-                fetch(cfg.dataset)
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("adaresnet_download")
-        return open_data(cfg, lambda msg: _say(jax.process_index() == 0, msg))
-    except DataError as e:
-        raise UsageError(str(e)) from None
-
-
-def run(cfg: Config) -> dict[str, Any]:
-    """Trains (or with ``eval_only`` evaluates) as ``cfg`` says; returns the summary dict.
-
-    Raises UsageError for bad input (before any compile, and before anything in the workdir is created
-    or changed) and NonFiniteLoss when training diverges. Top to bottom: the workdir and the data are checked,
-    the model, optimizer, steps, evaluator and checkpoints built, the state restored or created, then the
-    training loop (:class:`Loop`) and the summary (:func:`_finish`).
-    """
-    wall0 = time.perf_counter()
-    aot.use_compilation_cache(cfg.compilation_cache)
-    if cfg.compile_only:  # compile for a target, run nothing (adaresnet_jax/aot.py)
-        return aot.compile_run(cfg)
-    _init_distributed(cfg)
-    cfg, saved, resuming = _open_workdir(cfg)
-    data = _read_data(cfg)
-    _prepare_workdir(Path(cfg.workdir))
-    proc0 = jax.process_index() == 0
-    say = lambda msg: _say(proc0, msg)  # noqa: E731
-    _warn_if_schedule_changes(cfg, saved, resuming, say)
-
-    mesh = make_mesh()
-    spe = _steps_per_epoch(cfg, data.n_train, jax.device_count())
-    try:
-        model = create_model(cfg.model, num_classes=data.ds.num_classes, skip=cfg.skip, **cfg.model_overrides(mesh))
-    except ValueError as e:  # a CPU convolution asked for GPU/TPU devices
-        raise UsageError(str(e)) from None
-    tx, lr = make_optimizer(cfg, spe)
-    dtype = jnp.bfloat16 if cfg.compute_dtype_for(mesh) == "bfloat16" else jnp.float32
-    opts = StepOptions.for_run(cfg, data.norm(cfg), dtype, steps_per_epoch=spe, streaming=data.streaming)
-    abstract = abstract_state(model, tx, data.image_shape, mesh=mesh)
-    with_best = cfg.val_split > 0 and (not cfg.eval_only or (Path(cfg.workdir) / "best").is_dir())
-    ckpts = ckpt_lib.Checkpoints(Path(cfg.workdir), keep=cfg.keep_checkpoints, with_best=with_best,
-                                 read_only=cfg.eval_only, with_data=data.streaming)
-    eval_step = make_eval_step(model, mesh=mesh, mean=opts.mean, std=opts.std, dtype=opts.dtype)
-    evaluator = Evaluator(eval_step, open_eval(cfg, data.ds, data.eval_batch_size(cfg), mesh))
-    inputs = None
-    try:
-        if cfg.eval_only:
-            return _eval_only(cfg, ckpts, abstract, evaluator)
-        start_step, state, data_state = _restore_or_create(cfg, ckpts, abstract, lambda: _new_state(
-            cfg, model, tx, mesh, data.image_shape), say)
-        _write_run_files(cfg, data.classes)
-        end_step = _end_step(cfg, spe)
-        inputs = open_input(cfg, data.ds, mesh, steps_per_epoch=spe, steps=range(start_step, end_step),
-                            saved=data_state, say=say)
-        loop = Loop(cfg, Every.for_run(cfg, spe), make_train_step(model, tx, opts, mesh=mesh), inputs, evaluator,
-                    ckpts, lr)
-        about = _About("streaming" if data.streaming else "resident", data.classes, opts.mean, opts.std,
-                       model.conv_impl)
-        return _train(loop, state, start_step, about, wall0)
-    except DataError as e:  # too many unreadable images while streaming
-        raise UsageError(str(e)) from None
-    finally:
-        if inputs is not None:
-            inputs.close()
-        ckpts.close()
-
-
-# ----------------------------------------------------------------------------- before the first step
 
 def _open_workdir(cfg: Config) -> tuple[Config, dict[str, Any] | None, bool]:
     """(the config to run, the workdir's saved config or None, whether the run resumes): with --eval-only the
@@ -188,6 +201,65 @@ def _open_workdir(cfg: Config) -> tuple[Config, dict[str, Any] | None, bool]:
     if not resuming and any((workdir / "checkpoints").glob("[0-9]*")):
         raise UsageError(f"workdir '{workdir}' holds checkpoints but no config.json: use another --workdir")
     return cfg, saved, resuming
+
+
+def _read_data(cfg: Config) -> _Data:
+    """The data set, opened and checked against the batch size and splits (UsageError, one line); streaming:
+    statistics and a bad-file check on a sample of decoded training images, before compiling."""
+    ds, classes = _load(cfg)
+    streaming = isinstance(ds, StreamingData)
+    n_train, n_val, n_test = (len(a) for a in ((ds.train_idx, ds.val_idx, ds.test_idx) if streaming else
+                                               (ds.x_train, ds.x_val, ds.x_test)))
+    n_dev, bs = jax.device_count(), cfg.batch_size
+    if bs % n_dev:
+        raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
+    if bs > n_train:
+        raise UsageError(f"batch_size {bs} exceeds the {n_train} training images: lower --batch-size")
+    _check_splits(cfg, ds, n_train, n_val)
+    if streaming and not cfg.drop_last:
+        raise UsageError("--no-drop-last is not supported by the streaming input path: drop it (or --input resident)")
+    size = cfg.image_px
+    try:
+        stats = inspect(ds, size, cfg.eval_crop, cfg.seed, cfg.max_bad_images) if streaming else (ds.mean, ds.std)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    return _Data(ds, classes, n_train, n_val, n_test, (size, size, 3) if streaming else ds.image_shape, stats)
+
+
+def _load(cfg: Config) -> tuple[Dataset | StreamingData, tuple[str, ...] | None]:
+    """(data, class names): see :func:`adaresnet_jax.inputs.open_data`; in a multi-host run with a download,
+    process 0 downloads before the others read it."""
+    try:
+        if cfg.dataset in ("cifar10", "cifar100") and cfg.data_dir is None and jax.process_count() > 1:
+            if jax.process_index() == 0:
+                fetch(cfg.dataset)
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("adaresnet_download")
+        return open_data(cfg, lambda msg: _say(jax.process_index() == 0, msg))
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+
+MIN_VAL_IMAGES = 100  # with fewer (and fewer than a batch), one image moves the validation accuracy by over 1 point
+
+
+def _check_splits(cfg: Config, ds: Dataset | StreamingData, n_train: int, n_val: int) -> None:
+    """Refuses (UsageError, one line) a training set of one class, and a validation split too small to select a
+    model by: fewer than MIN_VAL_IMAGES images and fewer than one batch. Refused rather than enlarged: taking
+    more images from the training set than --val-split says would change what the run trains on."""
+    labels = ds.train_records.labels[ds.train_idx] if isinstance(ds, StreamingData) and hasattr(
+        ds.train_records, "labels") else (None if isinstance(ds, StreamingData) else ds.y_train)
+    if ds.num_classes < 2 or (labels is not None and np.unique(labels).size < 2):
+        raise UsageError(f"the training set of {cfg.dataset} has one class: a classifier needs at least 2 (an image "
+                         "folder needs one folder per class: train/<class>/*.jpg and val/<class>/*.jpg)")
+    need = min(MIN_VAL_IMAGES, cfg.batch_size)
+    if 0 < n_val < need:
+        total = n_val / cfg.val_split  # the training images before the split
+        fix = (f"raise --val-split to at least {need / total:.2g}, or " if need < total / 2 else "") + \
+            "pass --val-split 0 (no validation split; the test split is still evaluated)"
+        raise UsageError(f"--val-split {cfg.val_split:g} holds out {n_val} of about {total:.0f} training images: too "
+                         f"few for a validation accuracy to mean anything (at least {need}): {fix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,27 +291,14 @@ class _Data:
         return min(round_up(cfg.eval_batch_size), round_up(max(self.n_val, self.n_test)))
 
 
-def _read_data(cfg: Config) -> _Data:
-    """The data set, opened and checked against the batch size and splits (UsageError, one line); streaming:
-    statistics and a bad-file check on a sample of decoded training images, before compiling."""
-    ds, classes = _load(cfg)
-    streaming = isinstance(ds, StreamingData)
-    n_train, n_val, n_test = (len(a) for a in ((ds.train_idx, ds.val_idx, ds.test_idx) if streaming else
-                                               (ds.x_train, ds.x_val, ds.x_test)))
-    n_dev, bs = jax.device_count(), cfg.batch_size
-    if bs % n_dev:
-        raise UsageError(f"batch_size {bs} is not divisible by the {n_dev} devices: use a multiple of {n_dev}")
-    if bs > n_train:
-        raise UsageError(f"batch_size {bs} exceeds the {n_train} training images: lower --batch-size")
-    _check_splits(cfg, ds, n_train, n_val)
-    if streaming and not cfg.drop_last:
-        raise UsageError("--no-drop-last is not supported by the streaming input path: drop it (or --input resident)")
-    size = cfg.image_px
+def _prepare_workdir(workdir: Path) -> None:
     try:
-        stats = inspect(ds, size, cfg.eval_crop, cfg.seed, cfg.max_bad_images) if streaming else (ds.mean, ds.std)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-    return _Data(ds, classes, n_train, n_val, n_test, (size, size, 3) if streaming else ds.image_shape, stats)
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"workdir '{workdir}' is not writable ({e.strerror or e}): pass a writable --workdir") from None
 
 
 def _warn_if_schedule_changes(cfg: Config, saved: dict[str, Any] | None, resuming: bool,
@@ -249,6 +308,13 @@ def _warn_if_schedule_changes(cfg: Config, saved: dict[str, Any] | None, resumin
             f"the {cfg.schedule} schedule is recomputed over the new total, so the resumed steps follow a "
             "different learning-rate curve than an uninterrupted run would")
 
+
+def _end_step(cfg: Config, spe: int) -> int:
+    """The step this command trains to: --epochs, cut by --stop-after-epochs and --stop-after-steps."""
+    return min(cfg.epochs * spe, (cfg.stop_after_epochs or cfg.epochs) * spe, cfg.stop_after_steps or cfg.epochs * spe)
+
+
+# ----------------------------------------------------------------------------- the state
 
 def _restore_or_create(cfg: Config, ckpts: ckpt_lib.Checkpoints, abstract: State, create: Callable[[], State],
                        say: Callable[[str], None]) -> tuple[int, State, bytes | None]:
@@ -281,44 +347,6 @@ def _new_state(cfg: Config, model: Any, tx: Any, mesh: jax.sharding.Mesh, image_
     return create_state(model, tx, image_shape, seed=cfg.seed, mesh=mesh)
 
 
-def _write_run_files(cfg: Config, classes: tuple[str, ...] | None) -> None:
-    """config.json (what a rerun checks and resumes with) and classes.json (label i is classes[i])."""
-    runconfig.write_config(Path(cfg.workdir), cfg)
-    if classes is not None and jax.process_index() == 0:
-        (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(classes)) + "\n")
-
-
-def _skip_values(state: State) -> dict[str, float | list[float]]:
-    """The state's skip weights as JSON values."""
-    return skip_values(jax.device_get(skip_weights(state["params"])))
-
-
-MIN_VAL_IMAGES = 100  # with fewer (and fewer than a batch), one image moves the validation accuracy by over 1 point
-
-
-def _check_splits(cfg: Config, ds: Dataset | StreamingData, n_train: int, n_val: int) -> None:
-    """Refuses (UsageError, one line) a training set of one class, and a validation split too small to select a
-    model by: fewer than MIN_VAL_IMAGES images and fewer than one batch. Refused rather than enlarged: taking
-    more images from the training set than --val-split says would change what the run trains on."""
-    labels = ds.train_records.labels[ds.train_idx] if isinstance(ds, StreamingData) and hasattr(
-        ds.train_records, "labels") else (None if isinstance(ds, StreamingData) else ds.y_train)
-    if ds.num_classes < 2 or (labels is not None and np.unique(labels).size < 2):
-        raise UsageError(f"the training set of {cfg.dataset} has one class: a classifier needs at least 2 (an image "
-                         "folder needs one folder per class: train/<class>/*.jpg and val/<class>/*.jpg)")
-    need = min(MIN_VAL_IMAGES, cfg.batch_size)
-    if 0 < n_val < need:
-        total = n_val / cfg.val_split  # the training images before the split
-        fix = (f"raise --val-split to at least {need / total:.2g}, or " if need < total / 2 else "") + \
-            "pass --val-split 0 (no validation split; the test split is still evaluated)"
-        raise UsageError(f"--val-split {cfg.val_split:g} holds out {n_val} of about {total:.0f} training images: too "
-                         f"few for a validation accuracy to mean anything (at least {need}): {fix}")
-
-
-def _say(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _init_from(cfg: Config, model: Any, tx: Any, mesh: jax.sharding.Mesh, channels: int) -> State:
     """``--init-from``: the initial state from a torchvision state dict (.npz), with a new head (seed ``cfg.seed``)."""
     from adaresnet_jax.torch_weights import from_torchvision
@@ -336,15 +364,16 @@ def _init_from(cfg: Config, model: Any, tx: Any, mesh: jax.sharding.Mesh, channe
     return jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(v)
 
 
-def _end_step(cfg: Config, spe: int) -> int:
-    """The step this command trains to: --epochs, cut by --stop-after-epochs and --stop-after-steps."""
-    return min(cfg.epochs * spe, (cfg.stop_after_epochs or cfg.epochs) * spe, cfg.stop_after_steps or cfg.epochs * spe)
+def _write_run_files(cfg: Config, classes: tuple[str, ...] | None) -> None:
+    """config.json (what a rerun checks and resumes with) and classes.json (label i is classes[i])."""
+    runconfig.write_config(Path(cfg.workdir), cfg)
+    if classes is not None and jax.process_index() == 0:
+        (Path(cfg.workdir) / "classes.json").write_text(json.dumps(list(classes)) + "\n")
 
 
-def _steps_per_epoch(cfg: Config, n: int, n_dev: int) -> int:
-    """Full batches per epoch, plus one for the last partial batch with --no-drop-last (cut to a multiple
-    of the device count; none if that leaves nothing)."""
-    return n // cfg.batch_size + (0 if cfg.drop_last or n % cfg.batch_size < n_dev else 1)
+def _skip_values(state: State) -> dict[str, float | list[float]]:
+    """The state's skip weights as JSON values."""
+    return skip_values(jax.device_get(skip_weights(state["params"])))
 
 
 def _eval_only(cfg: Config, ckpts: ckpt_lib.Checkpoints, abstract: State, evaluator: Evaluator) -> dict[str, Any]:
@@ -405,9 +434,9 @@ class _Bar:
         self.off = cfg.quiet or jax.process_index() != 0 or not sys.stderr.isatty()
 
     def open(self, step: int) -> None:
-        from tqdm import tqdm
-
         if self.bar is None:
+            from tqdm import tqdm
+
             epoch, i = divmod(step, self.spe)
             self.bar = tqdm(total=self.spe, initial=i, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
                             disable=self.off, leave=False, file=sys.stderr)
@@ -607,7 +636,7 @@ def _epoch_line(cfg: Config, row: dict[str, Any]) -> str:
             f"acc {row['train_acc']:.4f}{val}{test}{bad}, {row['images_per_sec']:.0f} img/s, {row['epoch_time']:.1f}s")
 
 
-# ----------------------------------------------------------------------------- the run around the loop
+# ----------------------------------------------------------------------------- compile, run the loop, summarise
 
 @dataclasses.dataclass(frozen=True)
 class _About:
@@ -681,32 +710,6 @@ def _summary(cfg: Config, rows: list[dict[str, Any]], state: State, clock: _Cloc
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry: 0 done (or stopped by SIGTERM with a checkpoint; --compile-only: it fits), 1 diverged or
-    failed, 2 bad input, 3 no clean stop within --stop-timeout of SIGTERM, 4 --compile-only: it does not fit.
-
-    In a multi-process run every failure ends the process at once with ``os._exit`` after its message:
-    a normal exit would wait at jax.distributed's shutdown barrier for peers that may be stuck in a
-    collective with it; the coordination service then ends the other processes within
-    --heartbeat-timeout seconds.
-    """
-    cfg = parse_config(argv)
-    try:
-        summary = run(cfg)
-        return 4 if cfg.compile_only and not summary["fits"] else 0  # aot.EXIT_DOES_NOT_FIT
-    except KeyboardInterrupt:  # Ctrl-C before the training loop (inside it, SIGINT stops like SIGTERM)
-        code, msg = 130, "interrupted (SIGINT) outside the training loop: no checkpoint was saved for it"
-    except UsageError as e:
-        code, msg = 2, str(e)
-    except NonFiniteLoss as e:
-        code, msg = 1, str(e)
-    except Exception as e:  # noqa: BLE001
-        if jax.process_count() == 1:
-            raise
-        traceback.print_exc()
-        code, msg = 1, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    print(f"train.py: error: {msg}", file=sys.stderr, flush=True)
-    if jax.process_count() > 1:
-        sys.stdout.flush()
-        os._exit(code)
-    return code
+def _say(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
