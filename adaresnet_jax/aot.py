@@ -5,7 +5,7 @@ JAX compiles ahead of time for a TPU slice described by libtpu (``jax[tpu]``) or
 target-config text (``jax[cuda12]``), from any host. The program is the run's own: the model, dtype, optimizer,
 schedule, global batch, sharding over the global 1-D "data" mesh and donation come from the same functions a
 run uses (:func:`adaresnet_jax.models.create_model`, :func:`adaresnet_jax.optim.make_optimizer`,
-:func:`adaresnet_jax.steps.abstract_state`, :func:`adaresnet_jax.inputs.train_step_for`,
+:func:`adaresnet_jax.steps.abstract_state`, :class:`adaresnet_jax.steps.StepOptions`,
 :func:`adaresnet_jax.steps.make_eval_step`); only the data are abstract (``jax.ShapeDtypeStruct`` with their
 shardings), their shapes taken from :data:`KNOWN_DATASETS` (or read from ``--data-dir`` for other sets).
 
@@ -236,18 +236,17 @@ def build(cfg: Config, devices: list[Any], target: Target, shapes: DataShapes, b
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from adaresnet_jax.inputs import train_step_for
     from adaresnet_jax.models import create_model
     from adaresnet_jax.optim import make_optimizer
-    from adaresnet_jax.steps import abstract_state, make_eval_step, make_mesh
-    from adaresnet_jax.train import _steps_per_epoch
+    from adaresnet_jax.steps import StepOptions, abstract_state, make_eval_step, make_mesh, make_train_step, \
+        steps_per_epoch
 
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
     n_dev = len(devices)
     mesh = make_mesh(devices)
     overrides, dtype = _target_model_overrides(cfg, devices)
     model = create_model(cfg.model, num_classes=shapes.num_classes, skip=cfg.skip, **overrides)
-    spe = _steps_per_epoch(cfg, shapes.n_train, n_dev)
+    spe = steps_per_epoch(cfg, shapes.n_train, n_dev)
     tx, _ = make_optimizer(cfg, spe)
     c = shapes.image_shape[-1]
     # the values are constants in the program; a run computes them from its data (same shapes, same cost)
@@ -255,7 +254,8 @@ def build(cfg: Config, devices: list[Any], target: Target, shapes: DataShapes, b
     state = abstract_state(model, tx, shapes.image_shape, mesh=mesh)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     sds = lambda shape, dt, sh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)  # noqa: E731
-    steps = train_step_for(cfg, model, tx, mesh, spe, mean, std, dtype, streaming=shapes.streaming)
+    opts = StepOptions.for_run(cfg, (mean, std), dtype, steps_per_epoch=spe, streaming=shapes.streaming)
+    steps = make_train_step(model, tx, opts, mesh=mesh)
     image_bytes = math.prod(shapes.image_shape)
     if shapes.streaming:
         key = jax.eval_shape(lambda: jax.random.key(0))

@@ -23,6 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from adaresnet_jax.cli import OneLineParser
 from adaresnet_jax.models import MODEL_NAMES, SKIP_RULES
 from adaresnet_jax.presets import PRESETS
 
@@ -175,6 +176,11 @@ class Config:
 
         return self.compute_dtype_for(jax.devices())
 
+    @property
+    def image_px(self) -> int:
+        """The square image size of image folders and streamed sets: ``image_size``, or 224 when unset."""
+        return self.image_size or 224
+
     def compute_dtype_for(self, devices: Any) -> str:
         """``dtype`` with "auto" resolved for ``devices`` (a Mesh or jax.Device list): float32 on CPU, else bfloat16."""
         from adaresnet_jax.conv import compute_dtype_for
@@ -296,13 +302,6 @@ Multi-host: --coordinator/--num-processes/--process-id, or JAX_COORDINATOR_ADDRE
 JAX_PROCESS_ID, or --distributed (auto-detection on TPU pods, SLURM); the workdir must be shared."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (exit code 2)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parse_type(tp: Any):  # noqa: ANN202
     """(base type, optional) of a field annotation like ``int | None``."""
     origin = typing.get_origin(tp)
@@ -332,7 +331,7 @@ def _defaults_text(f: dataclasses.Field) -> str:
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     """An argparse parser with one flag per Config field; unset flags are absent from the namespace."""
-    p = _Parser(prog=prog, description="Train ResNet / AdaResNet (learned skip weights) with JAX.",
+    p = OneLineParser(prog=prog, description="Train ResNet / AdaResNet (learned skip weights) with JAX.",
                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(Config)

@@ -110,13 +110,9 @@ def slice_dot_conv(
     n, h, w, cin = lhs.shape
     kh, kw, kcin, cout = rhs.shape
     sh, sw = window_strides
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding)
-    else:
-        pads = [tuple(p) for p in padding]
+    pads = _pads((h, w), (kh, kw), (sh, sw), padding)
     (ph_lo, ph_hi), (pw_lo, pw_hi) = pads
-    oh = (h + ph_lo + ph_hi - kh) // sh + 1
-    ow = (w + pw_lo + pw_hi - kw) // sw + 1
+    oh, ow = _out_size((h, w), (kh, kw), (sh, sw), pads)
     rows, rh_lo, rh_hi = _live_taps(h, kh, sh, ph_lo, oh)
     cols, rw_lo, rw_hi = _live_taps(w, kw, sw, pw_lo, ow)
     if kcin != cin or min(ph_lo, ph_hi, pw_lo, pw_hi) < 0 or oh <= 0 or ow <= 0 or not rows or not cols:
@@ -220,7 +216,7 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
     caller knows where the step runs): a scan over a batch that is sharded over devices would gather it.
     """
     cin, cout = x_shape[3], w_shape[3]
-    oh, ow = _conv_out(x_shape, w_shape, strides, pads)
+    oh, ow = _out_size(x_shape[1:3], w_shape[:2], strides, pads)
     positions = oh * ow
     wino = winograd_applies(x_shape, w_shape, strides, pads, dtype) and positions >= 4
     winograd_m = "winograd4" if positions >= 16 else "winograd"
@@ -236,9 +232,18 @@ def plan(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
     return Plan(forward=direct, input_grad=direct, kernel_grad=kernel, chunked=chunked)
 
 
-def _conv_out(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+def _pads(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int],
+          padding: str | Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``padding`` ("SAME", "VALID" or explicit (lo, hi) pairs) as int (lo, hi) pairs, one per spatial axis."""
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(tuple(spatial), tuple(window), tuple(strides), padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _out_size(spatial: Sequence[int], window: Sequence[int], strides: Sequence[int],
               pads: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    return tuple((x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2))
+    """(rows, cols) of a convolution's or pooling's output: (size + padding - window) // stride + 1 per axis."""
+    return tuple((spatial[d] + sum(pads[d]) - window[d]) // strides[d] + 1 for d in range(2))
 
 
 def _tile(algorithm: str) -> int:
@@ -377,12 +382,8 @@ def tuned_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
             or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn) != _NHWC_HWIO or rhs.shape[2] != lhs.shape[3]):
         return hybrid_conv(lhs, rhs, window_strides, padding, **kwargs)
     strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    else:
-        pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if min(min(p) for p in pads) < 0 or min(_conv_out(lhs.shape, rhs.shape, strides, pads)) <= 0:
+    pads = _pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    if min(min(p) for p in pads) < 0 or min(_out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)) <= 0:
         return hybrid_conv(lhs, rhs, window_strides, padding, **kwargs)
     return _tuned(lhs, rhs, strides, pads, plan(lhs.shape, rhs.shape, strides, pads, lhs.dtype, single_device))
 
@@ -403,8 +404,7 @@ def slice_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
     """
     n, h, w, c = x.shape
     (kh, kw), (sh, sw) = tuple(window), tuple(strides)
-    pads = lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding) if isinstance(padding, str) else padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    pads = _pads((h, w), (kh, kw), (sh, sw), padding)
     return _max_pool(x, (kh, kw), (sh, sw), pads, bool(single_device))
 
 
@@ -412,7 +412,7 @@ def _pool_taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], 
     """One strided slice of the ``-inf``-padded input per window tap, taps in row-major order."""
     n, h, w, c = x.shape
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
-    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    oh, ow = _out_size((h, w), window, strides, pads)
     xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     return [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]

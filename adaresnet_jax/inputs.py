@@ -1,20 +1,25 @@
-"""The two input paths behind the training loop of :mod:`adaresnet_jax.train`, with one interface.
+"""The two input paths behind the training loop of :mod:`adaresnet_jax.train`: they only yield batches.
 
 * :class:`ResidentInput`: the uint8 training set replicated on every device; each step gathers its batch
-  from an on-device permutation inside the compiled update (``TrainStep.on_dataset``). Fast, and every
-  batch is a function of (seed, step).
+  from an on-device permutation inside the compiled update, so a batch is the arguments of
+  ``TrainStep.on_dataset`` (or ``on_indices`` for an epoch's last partial batch). Fast, and every batch is a
+  function of (seed, step).
 * :class:`StreamingInput`: :class:`adaresnet_jax.data.streaming.TrainStream` reads, decodes and augments
-  this process's rows of each global batch on the host (grain); a background thread assembles them into
-  global arrays on the "data" mesh (``jax.make_array_from_process_local_data``) two steps ahead, and the
-  step is ``TrainStep.on_batch``. :class:`StreamingEvaluator` evaluates the same way.
+  this process's rows of each global batch on the host (grain); :class:`DevicePrefetch` (a background
+  thread) assembles them into global arrays on the "data" mesh (``jax.make_array_from_process_local_data``)
+  two steps ahead: a batch is the arguments of ``TrainStep.on_batch``.
 
-Both: ``compile(state, start_step)``, ``step(state, step) -> (state, metrics, images)``, ``data_state()``
-(bytes for the checkpoint, or None), ``bad_images()`` (None for the resident path) and ``close()``.
+Both (made by :func:`open_input`): ``examples(start_step)`` (one :class:`adaresnet_jax.steps.Batch` per entry
+point used, to compile), ``batch(step) -> Batch``, ``data_state()`` (bytes for the checkpoint, or None),
+``bad_images()`` (None for the resident path) and ``close()``. The evaluation batches of both paths
+(:func:`open_eval`: :class:`ResidentEval`, :class:`StreamingEval`) feed :class:`adaresnet_jax.steps.Evaluator`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -24,54 +29,40 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adaresnet_jax.config import Config
 from adaresnet_jax.data import Dataset
-from adaresnet_jax.data.streaming import DataError, DevicePrefetch, StreamingData, TrainStream, check_bad, \
+from adaresnet_jax.data.streaming import DataError, StreamingData, TrainImages, TrainStream, check_bad, \
     default_threads, eval_batches
-from adaresnet_jax.steps import State, TrainStep, make_epoch_permutation, make_epoch_tail, make_train_step, replicate
+from adaresnet_jax.steps import Batch, make_epoch_batches, replicate, shard_batch
 
 
-def train_step_for(cfg: Config, model: Any, tx: Any, mesh: Any, spe: int, mean: Any, std: Any, dtype: Any, *,
-                   streaming: bool) -> TrainStep:
-    """The train step of a run (also what ``--compile-only`` compiles): augmentation inside the step on the
-    resident path; nothing in the step when streaming (the host augments)."""
-    if streaming:
-        return make_train_step(model, tx, mesh=mesh, mean=mean, std=std, label_smoothing=cfg.label_smoothing,
-                               dtype=dtype, seed=cfg.seed)
-    return make_train_step(model, tx, mesh=mesh, mean=mean, std=std, crop_pad=cfg.crop_pad if cfg.augment else 0,
-                           flip=cfg.augment and cfg.flip, label_smoothing=cfg.label_smoothing, dtype=dtype,
-                           seed=cfg.seed, steps_per_epoch=spe)
-
+# ----------------------------------------------------------------------------- training batches
 
 class ResidentInput:
     """Batches gathered on device from the replicated training set (see the module docstring)."""
 
-    def __init__(self, cfg: Config, ds: Dataset, model: Any, tx: Any, mesh: Any, spe: int, mean: Any, std: Any,
-                 dtype: Any) -> None:
-        self.spe, self.bs = spe, cfg.batch_size
+    def __init__(self, ds: Dataset, mesh: Any, *, batch_size: int, seed: int, steps_per_epoch: int) -> None:
+        self.spe, self.bs = steps_per_epoch, batch_size
         self.full = len(ds.x_train) // self.bs  # full batches an epoch; spe is full + 1 with a partial last one
         self.x_all, self.y_all = replicate(ds.x_train, mesh), replicate(ds.y_train.astype(np.int32), mesh)
-        self.steps = train_step_for(cfg, model, tx, mesh, spe, mean, std, dtype, streaming=False)
-        self.epoch_perm = make_epoch_permutation(cfg.seed, len(ds.x_train), self.bs, mesh)
-        self.epoch_tail = make_epoch_tail(cfg.seed, len(ds.x_train), self.bs, mesh, multiple=jax.device_count())
+        self.epoch_batches = make_epoch_batches(seed, len(ds.x_train), self.bs, mesh, multiple=jax.device_count())
         self.epoch = -1
 
     def _set_epoch(self, epoch: int) -> None:
-        self.perm = self.epoch_perm(epoch)
-        self.tail = self.epoch_tail(epoch) if self.spe > self.full else None
+        self.perm, tail = self.epoch_batches(epoch)
+        self.tail = tail if self.spe > self.full else None
         self.epoch = epoch
 
-    def compile(self, state: State, start_step: int) -> None:
+    def examples(self, start_step: int) -> list[Batch]:
         self._set_epoch(start_step // self.spe)
-        self.step_fn = self.steps.on_dataset.lower(state, self.x_all, self.y_all, self.perm).compile()
-        self.tail_fn = None if self.tail is None else \
-            self.steps.on_indices.lower(state, self.x_all, self.y_all, self.tail).compile()
+        full = Batch("on_dataset", (self.x_all, self.y_all, self.perm), self.bs)
+        return [full] if self.tail is None else [full, Batch("on_indices", (self.x_all, self.y_all, self.tail), 0)]
 
-    def step(self, state: State, step: int) -> tuple[State, dict[str, jax.Array], int]:
+    def batch(self, step: int) -> Batch:
         epoch, i = divmod(step, self.spe)
         if epoch != self.epoch:
             self._set_epoch(epoch)
         if i == self.full:
-            return *self.tail_fn(state, self.x_all, self.y_all, self.tail), int(self.tail.shape[0])
-        return *self.step_fn(state, self.x_all, self.y_all, self.perm), self.bs
+            return Batch("on_indices", (self.x_all, self.y_all, self.tail), int(self.tail.shape[0]))
+        return Batch("on_dataset", (self.x_all, self.y_all, self.perm), self.bs)
 
     def data_state(self) -> bytes | None:
         return None
@@ -88,43 +79,35 @@ def _global(sharding: NamedSharding, local: np.ndarray, rows: int) -> jax.Array:
 
 
 class StreamingInput:
-    """Batches streamed from the host (see the module docstring). ``saved``: this process's input state
-    from the checkpoint being resumed (or None)."""
+    """Batches streamed from the host (see the module docstring): ``stream``'s host batches placed on ``mesh``;
+    raises DataError when more than ``max_bad`` of the training images this process reads do not decode."""
 
-    def __init__(self, cfg: Config, sd: StreamingData, model: Any, tx: Any, mesh: Any, spe: int, mean: Any,
-                 std: Any, dtype: Any, *, start_step: int, end_step: int, saved: bytes | None,
-                 say: Callable[[str], None]) -> None:
-        self.cfg, self.sd, self.bs = cfg, sd, cfg.batch_size
-        self.size = cfg.image_size or 224
+    def __init__(self, sd: StreamingData, mesh: Any, stream: TrainStream, *, max_bad: float,
+                 saved: bytes | None = None) -> None:
+        self.sd, self.max_bad, self.bs, self.size = sd, max_bad, stream.spec.batch, stream.spec.size
         self.data = NamedSharding(mesh, P("data"))
-        self.steps = train_step_for(cfg, model, tx, mesh, spe, mean, std, dtype, streaming=True)
         self.key = jax.jit(lambda: jax.random.key(0), out_shardings=NamedSharding(mesh, P()))()  # unused by it
-        workers = default_threads() if cfg.input_workers is None else cfg.input_workers
-        self.stream = TrainStream(sd, batch=self.bs, steps_per_epoch=spe, end_step=end_step, start_step=start_step,
-                                  size=self.size, seed=cfg.seed, augment=cfg.augment, flip=cfg.flip,
-                                  min_area=cfg.min_crop_area, crop=cfg.eval_crop, workers=workers, saved=saved,
-                                  say=say)
-        self.prefetch = DevicePrefetch(self.stream, self._place, size=2)
+        self.prefetch = DevicePrefetch(stream, self._place, size=2)
         self.state_bytes, self.bad, self.distinct = saved, 0, set()
 
     def _place(self, item: dict[str, Any]) -> tuple[jax.Array, jax.Array, list[int], bytes]:
         return (_global(self.data, item["image"], self.bs), _global(self.data, item["label"], self.bs),
                 item["bad"], item["state"])
 
-    def compile(self, state: State, start_step: int) -> None:
+    def examples(self, start_step: int) -> list[Batch]:
         x = jax.ShapeDtypeStruct((self.bs, self.size, self.size, 3), jnp.uint8, sharding=self.data)
         y = jax.ShapeDtypeStruct((self.bs,), jnp.int32, sharding=self.data)
-        self.step_fn = self.steps.on_batch.lower(state, x, y, self.key).compile()
+        return [Batch("on_batch", (x, y, self.key), self.bs)]
 
-    def step(self, state: State, step: int) -> tuple[State, dict[str, jax.Array], int]:
+    def batch(self, step: int) -> Batch:
         x, y, bad, self.state_bytes = next(self.prefetch)
         if bad:
             self.bad += len(bad)
             self.distinct.update(bad)
             limit = len(self.sd.train_idx) // jax.process_count()
-            check_bad(self.sd, len(self.distinct), limit, self.cfg.max_bad_images, sorted(self.distinct),
+            check_bad(self.sd, len(self.distinct), limit, self.max_bad, sorted(self.distinct),
                       what=f"of the {limit} training images this process reads")
-        return *self.step_fn(state, x, y, self.key), self.bs
+        return Batch("on_batch", (x, y, self.key), self.bs)
 
     def data_state(self) -> bytes | None:
         return self.state_bytes
@@ -136,44 +119,138 @@ class StreamingInput:
         self.prefetch.close()
 
 
-class StreamingEvaluator:
-    """Every image of each evaluation split once, streamed like training batches (evaluation transform);
-    the same interface as :class:`adaresnet_jax.steps.Evaluator`. ``bad``: images that did not decode
-    (left out of the metrics)."""
+def open_input(cfg: Config, ds: Dataset | StreamingData, mesh: Any, *, steps_per_epoch: int, steps: range,
+               saved: bytes | None, say: Callable[[str], None]) -> ResidentInput | StreamingInput:
+    """The run's training batches for global steps ``steps`` (``steps.start``: the step resumed from);
+    ``saved``: this process's input state from the checkpoint resumed (streaming), ``say``: a note to the user."""
+    if not isinstance(ds, StreamingData):
+        return ResidentInput(ds, mesh, batch_size=cfg.batch_size, seed=cfg.seed, steps_per_epoch=steps_per_epoch)
+    spec = TrainImages(batch=cfg.batch_size, steps_per_epoch=steps_per_epoch, size=cfg.image_px, seed=cfg.seed,
+                       augment=cfg.augment, flip=cfg.flip, min_area=cfg.min_crop_area, crop=cfg.eval_crop)
+    workers = default_threads() if cfg.input_workers is None else cfg.input_workers
+    stream = TrainStream(ds, spec, steps, workers=workers, saved=saved, say=say)
+    return StreamingInput(ds, mesh, stream, max_bad=cfg.max_bad_images, saved=saved)
 
-    def __init__(self, eval_step: Callable[..., Any], sd: StreamingData, batch: int, mesh: Any, cfg: Config) -> None:
+
+# ----------------------------------------------------------------------------- evaluation batches
+
+class ResidentEval:
+    """Every example of each split, padded to whole batches (mask False on the padding), sharded on the devices
+    once (see :class:`adaresnet_jax.steps.EvalBatches`)."""
+
+    bad = 0
+
+    def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, mesh: Any) -> None:
+        self.batches: list[list[tuple[jax.Array, ...]]] = []
+        names = []
+        for name, (x, y) in splits.items():
+            if len(x) == 0:
+                continue
+            pad = -len(x) % batch_size
+            xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            yp = np.concatenate([y, np.zeros(pad, y.dtype)]).astype(np.int32)
+            mask = np.arange(len(xp)) < len(x)
+            names.append(name)
+            self.batches.append([tuple(shard_batch(a[i:i + batch_size], mesh) for a in (xp, yp, mask))
+                                 for i in range(0, len(xp), batch_size)])
+        self.names = tuple(names)
+
+    def example(self) -> tuple[Any, ...]:
+        return self.batches[0][0]
+
+    def __iter__(self) -> Iterator[tuple[int, jax.Array, jax.Array, jax.Array]]:
+        return ((split, *b) for split, batches in enumerate(self.batches) for b in batches)
+
+
+class StreamingEval:
+    """Every image of each evaluation split once, streamed like training batches (evaluation transform), see
+    :class:`adaresnet_jax.steps.EvalBatches`. ``bad``: images that did not decode (left out of the metrics)."""
+
+    def __init__(self, sd: StreamingData, batch: int, mesh: Any, cfg: Config) -> None:
         named = [("val", sd.train_records, sd.val_idx), ("test", sd.test_records, sd.test_idx)]
         self.names, self.records, self.splits = zip(*[(n, r, i) for n, r, i in named if len(i)])
-        self.eval_step, self.batch, self.bad = eval_step, batch, 0
+        self.batch, self.bad = batch, 0
         self.data = NamedSharding(mesh, P("data"))
-        self.size, self.crop = cfg.image_size or 224, cfg.eval_crop
+        self.size, self.crop = cfg.image_px, cfg.eval_crop
         self.workers = default_threads() if cfg.input_workers is None else cfg.input_workers
 
-    def compile(self, state: State) -> None:
+    def example(self) -> tuple[Any, ...]:
         shape = lambda *s, dt: jax.ShapeDtypeStruct((self.batch, *s), dt, sharding=self.data)  # noqa: E731
-        self.eval_step = self.eval_step.lower(state, shape(self.size, self.size, 3, dt=jnp.uint8),
-                                              shape(dt=jnp.int32), shape(dt=jnp.bool_)).compile()
+        return shape(self.size, self.size, 3, dt=jnp.uint8), shape(dt=jnp.int32), shape(dt=jnp.bool_)
 
     def _place(self, item: dict[str, Any]) -> tuple[Any, ...]:
         return (*(_global(self.data, item[k], self.batch) for k in ("image", "label", "mask")),
                 int(item["split"][0]), len(item["bad"]))
 
-    def __call__(self, state: State) -> dict[str, float | None]:
-        sums: list[Any] = [None] * len(self.names)
+    def __iter__(self) -> Iterator[tuple[int, jax.Array, jax.Array, jax.Array]]:
         batches = DevicePrefetch(eval_batches(self.records, self.splits, batch=self.batch, size=self.size,
                                               crop=self.crop, workers=self.workers), self._place)
         try:
             for x, y, mask, split, bad in batches:
-                out = self.eval_step(state, x, y, mask)
-                sums[split] = out if sums[split] is None else jax.tree.map(jnp.add, sums[split], out)
+                yield split, x, y, mask
                 self.bad += bad
         finally:
             batches.close()
-        result: dict[str, float | None] = {}
-        for name, tot in zip(self.names, jax.device_get(sums)):
-            count = max(int(tot["count"]), 1)
-            result[f"{name}_loss"], result[f"{name}_acc"] = float(tot["loss"]) / count, float(tot["correct"]) / count
-        return result
+
+
+def open_eval(cfg: Config, ds: Dataset | StreamingData, batch_size: int, mesh: Any) -> ResidentEval | StreamingEval:
+    """The run's evaluation batches (validation, then test; empty splits left out)."""
+    if isinstance(ds, StreamingData):
+        return StreamingEval(ds, batch_size, mesh, cfg)
+    return ResidentEval({"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, batch_size, mesh)
+
+
+class DevicePrefetch:
+    """Runs ``place(item)`` (host batch -> device arrays) for the items of ``source`` in a background thread,
+    ``size`` items ahead, so the step finds its batch on the devices when the host keeps up. Errors in
+    the thread are raised by ``next``; ``close`` stops the thread and closes ``source``."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], place: Callable[[Any], Any], size: int = 2) -> None:
+        self.source, self.place = source, place
+        self._q: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self.source:
+                if not self._put(self.place(item)):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            self._put(e)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
 
 
 # ----------------------------------------------------------------------------- which path
@@ -195,7 +272,7 @@ def open_data(cfg: Config, say: Callable[[str], None]) -> tuple[Dataset | Stream
                             f"data set prepared as ArrayRecord; --dataset {cfg.dataset} is read into memory: use "
                             "--input resident (or auto)")
         return load_dataset(cfg.dataset, cfg.data_dir, **kw), None
-    size = cfg.image_size or 224
+    size = cfg.image_px
     mb, budget = sd.decoded_mb(size), cfg.resident_budget_mb
     if cfg.input == "streaming" or (cfg.input == "auto" and mb > budget):
         if cfg.input == "auto":

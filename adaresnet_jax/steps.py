@@ -6,15 +6,16 @@ Public API (``adaresnet_jax.train`` re-exports it; ``benchmarks/`` time ``on_bat
     mesh = make_mesh()                        # 1-D mesh "data" over every device of every process
     tx, schedule = make_optimizer(cfg, steps_per_epoch)
     state = create_state(model, tx, (H, W, C), seed=0, mesh=mesh)   # {"step", "params", "batch_stats", "opt_state"}
-    steps = make_train_step(model, tx, mesh=mesh, mean=(...), std=(...), crop_pad=4, flip=True,
-                            label_smoothing=0.1, dtype=jnp.float32, seed=0)
+    opts = StepOptions(mean=(...), std=(...), dtype=jnp.float32, crop_pad=4, flip=True, label_smoothing=0.1,
+                       seed=0)                # or StepOptions.for_run(cfg, (mean, std), dtype, ...)
+    steps = make_train_step(model, tx, opts, mesh=mesh)
     state, m = steps.on_batch(state, images_uint8, labels, key)   # a given global batch (B, H, W, C)
-    perm = make_epoch_permutation(seed, N, B, mesh)(epoch)        # (N // B, B) int32 on device
+    perm, tail = make_epoch_batches(seed, N, B, mesh)(epoch)      # (N // B, B) int32 on device; the N % B left
     state, m = steps.on_dataset(state, x_all, y_all, perm)        # batch perm[step % (N // B)], gathered inside
-    tail = make_epoch_tail(seed, N, B, mesh)(epoch)               # the N % B indices left over (or None)
     state, m = steps.on_indices(state, x_all, y_all, tail)        # a batch of given indices, gathered inside
     ev = make_eval_step(model, mesh=mesh, mean=(...), std=(...), dtype=jnp.float32)
     sums = ev(state, images_uint8, labels, mask)                  # {"loss", "correct", "count"}, summed
+    Evaluator(ev, batches)(state)                                 # {"val_loss", "val_acc", ...} (batches: inputs.py)
 
 ``m`` is ``{"loss": mean loss, "correct": count, "finite": loss and update finite}``; both steps
 donate ``state``. ``B`` must be a multiple of the device count. Under ``on_dataset`` everything depends only
@@ -26,8 +27,8 @@ the augmentation of step ``s`` from ``fold_in(fold_in(key(seed), 2), s)``, the i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adaresnet_jax.data import augment, normalize
+
+if TYPE_CHECKING:
+    from adaresnet_jax.config import Config
 
 State = dict[str, Any]
 
@@ -112,26 +116,56 @@ class TrainStep:
     on_indices: Callable[..., tuple[State, dict[str, jax.Array]]]
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.sharding.Mesh,
-                    mean: tuple[float, ...], std: tuple[float, ...], crop_pad: int = 0, flip: bool = False,
-                    label_smoothing: float = 0.0, dtype: Any = jnp.float32, seed: int = 0,
-                    steps_per_epoch: int | None = None) -> TrainStep:
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a train step does to a batch besides the model and optimizer.
+
+    ``mean``/``std``: per-channel normalisation of the uint8 images (inside the step); ``dtype``: the compute
+    dtype; ``crop_pad``/``flip``: augmentation inside the step (``0``/``False`` disable it: the streaming path
+    augments on the host); ``label_smoothing``; ``seed``: of the augmentation keys; ``steps_per_epoch``: what
+    ``on_dataset`` counts steps modulo (None: the rows of ``perm``; S + 1 when each epoch ends with a partial
+    batch).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: Any = jnp.float32
+    crop_pad: int = 0
+    flip: bool = False
+    label_smoothing: float = 0.0
+    seed: int = 0
+    steps_per_epoch: int | None = None
+
+    @classmethod
+    def for_run(cls, cfg: Config, norm: tuple[tuple[float, ...], tuple[float, ...]], dtype: Any, *,
+                steps_per_epoch: int, streaming: bool) -> StepOptions:
+        """A run's options (also what ``--compile-only`` compiles): augmentation inside the step on the resident
+        path; none when streaming (the host augments). ``norm``: (mean, std)."""
+        common = dict(mean=norm[0], std=norm[1], dtype=dtype, label_smoothing=cfg.label_smoothing,
+                      seed=cfg.seed)
+        if streaming:
+            return cls(**common)
+        return cls(**common, crop_pad=cfg.crop_pad if cfg.augment else 0, flip=cfg.augment and cfg.flip,
+                   steps_per_epoch=steps_per_epoch)
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, opts: StepOptions, *,
+                    mesh: jax.sharding.Mesh) -> TrainStep:
     """The train step: augment + normalise (in the step), forward, backward, optimizer, BN statistics.
 
     The batch is constrained to the "data" axis, so BatchNorm statistics and the loss are over the
-    global batch whatever the device count. ``crop_pad=0, flip=False`` disables augmentation.
-    ``steps_per_epoch`` (default: the rows of ``perm``) is S + 1 when each epoch ends with a partial batch.
+    global batch whatever the device count. See :class:`StepOptions` for ``opts``.
     """
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    num_classes = model.num_classes
+    num_classes, crop_pad, flip, seed = model.num_classes, opts.crop_pad, opts.flip, opts.seed
 
     def update(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
         images = jax.lax.with_sharding_constraint(images, data)
         labels = jax.lax.with_sharding_constraint(labels, data)
         if crop_pad or flip:
             images = augment(key, images, crop_pad=crop_pad, flip=flip)
-        x = normalize(images, mean, std, dtype)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        x = normalize(images, opts.mean, opts.std, opts.dtype)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), opts.label_smoothing)
 
         def loss_fn(params):
             logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
@@ -152,7 +186,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.s
         return update(state, images, labels, jax.random.fold_in(_key(seed, 2), state["step"]))
 
     def from_dataset(state: State, x_all: jax.Array, y_all: jax.Array, perm: jax.Array):
-        row = state["step"] % (steps_per_epoch or perm.shape[0])
+        row = state["step"] % (opts.steps_per_epoch or perm.shape[0])
         return from_indices(state, x_all, y_all, jax.lax.dynamic_index_in_dim(perm, row, keepdims=False))
 
     def jit(fn: Callable[..., Any], in_shardings: tuple[NamedSharding, ...]) -> Callable[..., Any]:
@@ -160,6 +194,33 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, mesh: jax.s
 
     return TrainStep(on_batch=jit(update, (repl, data, data, repl)), on_dataset=jit(from_dataset, (repl,) * 4),
                      on_indices=jit(from_indices, (repl,) * 4))
+
+
+def steps_per_epoch(cfg: Config, n: int, n_dev: int) -> int:
+    """Steps an epoch of ``n`` training images: full batches, plus one for the last partial batch with
+    --no-drop-last (cut to a multiple of the device count ``n_dev``; none if that leaves nothing)."""
+    return n // cfg.batch_size + (0 if cfg.drop_last or n % cfg.batch_size < n_dev else 1)
+
+
+class Batch(NamedTuple):
+    """One training batch as an input yields it (:mod:`adaresnet_jax.inputs`): ``entry``, the :class:`TrainStep`
+    entry point that takes it ("on_batch", "on_dataset" or "on_indices"); ``args``, its arguments after the
+    state; ``images``, how many images it holds."""
+
+    entry: str
+    args: tuple[Any, ...]
+    images: int
+
+
+class CompiledStep:
+    """``train_step`` compiled ahead of time for ``state`` and the batches like ``examples`` (one per entry point
+    used), so no step is timed with its compile: ``compiled(state, batch) -> (state, metrics)``."""
+
+    def __init__(self, train_step: TrainStep, state: State, examples: list[Batch]) -> None:
+        self.fns = {b.entry: getattr(train_step, b.entry).lower(state, *b.args).compile() for b in examples}
+
+    def __call__(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        return self.fns[batch.entry](state, *batch.args)
 
 
 def make_eval_step(model: Any, *, mesh: jax.sharding.Mesh, mean: tuple[float, ...], std: tuple[float, ...],
@@ -178,59 +239,75 @@ def make_eval_step(model: Any, *, mesh: jax.sharding.Mesh, mean: tuple[float, ..
     return jax.jit(ev, in_shardings=(repl, data, data, data), out_shardings=repl)
 
 
-def make_epoch_permutation(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
-    """epoch -> (n // batch_size, batch_size) int32 replicated: epoch ``e``'s shuffled batches (the rest dropped)."""
-    steps = n // batch_size
+def make_epoch_batches(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh,
+                       multiple: int = 1) -> Callable[[int], tuple[jax.Array, jax.Array | None]]:
+    """epoch -> (perm, tail) from one permutation of epoch ``e``, int32 replicated: ``perm`` (n // batch_size,
+    batch_size) the shuffled full batches; ``tail`` the ``n % batch_size`` indices left over, cut to a multiple
+    of ``multiple`` (the device count), or None when there are none."""
+    steps, size = n // batch_size, n % batch_size // multiple * multiple
+    start = steps * batch_size
 
     @jax.jit
-    def perm(epoch: jax.Array) -> jax.Array:
-        p = jax.random.permutation(jax.random.fold_in(_key(seed, 1), epoch), n)
-        return p[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+    def split(epoch: jax.Array) -> tuple[jax.Array, jax.Array]:
+        p = jax.random.permutation(jax.random.fold_in(_key(seed, 1), epoch), n).astype(jnp.int32)
+        return p[:start].reshape(steps, batch_size), p[start:start + size]
 
-    return lambda epoch: perm(replicate(np.int32(epoch), mesh))
+    def batches(epoch: int) -> tuple[jax.Array, jax.Array | None]:
+        perm, tail = split(replicate(np.int32(epoch), mesh))
+        return perm, tail if size else None
+
+    return batches
+
+
+def make_epoch_permutation(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable[[int], jax.Array]:
+    """epoch -> (n // batch_size, batch_size) int32 replicated: epoch ``e``'s shuffled batches (the rest dropped)."""
+    batches = make_epoch_batches(seed, n, batch_size, mesh)
+    return lambda epoch: batches(epoch)[0]
 
 
 def make_epoch_tail(seed: int, n: int, batch_size: int, mesh: jax.sharding.Mesh,
                     multiple: int = 1) -> Callable[[int], jax.Array | None]:
-    """epoch -> the indices that :func:`make_epoch_permutation` leaves over (``n % batch_size``, cut to a
-    multiple of ``multiple``, the device count), int32 replicated; None when there are none."""
-    start, size = n // batch_size * batch_size, n % batch_size // multiple * multiple
+    """epoch -> the indices that :func:`make_epoch_permutation` leaves over (see :func:`make_epoch_batches`)."""
+    batches = make_epoch_batches(seed, n, batch_size, mesh, multiple)
+    return lambda epoch: batches(epoch)[1]
 
-    @jax.jit
-    def tail(epoch: jax.Array) -> jax.Array:
-        p = jax.random.permutation(jax.random.fold_in(_key(seed, 1), epoch), n)
-        return p[start:start + size].astype(jnp.int32)
 
-    return lambda epoch: tail(replicate(np.int32(epoch), mesh)) if size else None
+class EvalBatches(Protocol):
+    """Where an :class:`Evaluator` gets its batches (:mod:`adaresnet_jax.inputs`): ``names`` of the splits,
+    ``example()`` one batch's (images, labels, mask) or their ShapeDtypeStructs, ``__iter__`` -> (split
+    index, images, labels, mask) for every batch of every split, ``bad``: images that did not decode so far."""
+
+    names: tuple[str, ...]
+    bad: int
+
+    def example(self) -> tuple[Any, Any, Any]: ...
+
+    def __iter__(self) -> Iterator[tuple[int, jax.Array, jax.Array, jax.Array]]: ...
 
 
 class Evaluator:
-    """Every example of each split exactly once: padded to whole batches (masked), resident on device."""
+    """Loss and accuracy over every example of each split of ``batches`` exactly once (padded rows masked):
+    ``evaluator(state) -> {"<split>_loss", "<split>_acc", ...}``. ``bad``: images the batches could not decode."""
 
-    def __init__(self, eval_step: Callable[..., Any], splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                 batch_size: int, mesh: jax.sharding.Mesh) -> None:
-        self.eval_step, self.batches = eval_step, {}
-        for name, (x, y) in splits.items():
-            if len(x) == 0:
-                continue
-            pad = -len(x) % batch_size
-            xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            yp = np.concatenate([y, np.zeros(pad, y.dtype)]).astype(np.int32)
-            mask = np.arange(len(xp)) < len(x)
-            self.batches[name] = [tuple(shard_batch(a[i:i + batch_size], mesh) for a in (xp, yp, mask))
-                                  for i in range(0, len(xp), batch_size)]
+    def __init__(self, eval_step: Callable[..., Any], batches: EvalBatches) -> None:
+        self.eval_step, self.batches = eval_step, batches
+
+    @property
+    def bad(self) -> int:
+        return self.batches.bad
 
     def compile(self, state: State) -> None:
         """Compiles the eval step ahead of time for ``state``'s shardings (so no evaluation is timed with it)."""
-        first = next(iter(self.batches.values()), None)  # every batch has the same shape
-        if first:
-            self.eval_step = self.eval_step.lower(state, *first[0]).compile()
+        if self.batches.names:  # every batch has the same shape
+            self.eval_step = self.eval_step.lower(state, *self.batches.example()).compile()
 
     def __call__(self, state: State) -> dict[str, float | None]:
-        out: dict[str, float | None] = {}
-        for name, batches in self.batches.items():
-            sums = [self.eval_step(state, *b) for b in batches]
-            tot = jax.device_get(jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums))
-            out[f"{name}_loss"] = float(tot["loss"]) / int(tot["count"])
-            out[f"{name}_acc"] = float(tot["correct"]) / int(tot["count"])
-        return out
+        sums: list[Any] = [None] * len(self.batches.names)
+        for split, x, y, mask in self.batches:
+            out = self.eval_step(state, x, y, mask)
+            sums[split] = out if sums[split] is None else jax.tree.map(jnp.add, sums[split], out)
+        result: dict[str, float | None] = {}
+        for name, tot in zip(self.batches.names, jax.device_get(sums)):
+            count = max(int(tot["count"]), 1)
+            result[f"{name}_loss"], result[f"{name}_acc"] = float(tot["loss"]) / count, float(tot["correct"]) / count
+        return result

@@ -88,9 +88,11 @@ def pipeline(sd: S.StreamingData, workers: int, batch: int, size: int, steps: in
         return (jax.make_array_from_process_local_data(data, x, (batch, *x.shape[1:])),
                 jax.make_array_from_process_local_data(data, y, (batch,)))
 
-    stream = S.TrainStream(sd, batch=batch, steps_per_epoch=spe, end_step=steps + 1, start_step=0, size=size,
-                           seed=0, augment=True, workers=workers)
-    batches = S.DevicePrefetch(stream, place)
+    from adaresnet_jax.inputs import DevicePrefetch
+
+    spec = S.TrainImages(batch=batch, steps_per_epoch=spe, size=size, seed=0, augment=True)
+    stream = S.TrainStream(sd, spec, range(0, steps + 1), workers=workers)
+    batches = DevicePrefetch(stream, place)
     try:
         jax.block_until_ready(next(batches))  # workers started, first batch through
         t = time.perf_counter()

@@ -92,9 +92,9 @@ def build(name: str, skip: str, conv_impl: str, batch: int, image_size: int, dty
     x = rng.integers(0, 256, (n_batches * batch, image_size, image_size, 3), dtype=np.uint8)
     y = rng.integers(0, 10, n_batches * batch).astype(np.int32)
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    step = train_lib.make_train_step(
-        model, tx, mesh=mesh, mean=mean, std=std, crop_pad=cfg.crop_pad if cfg.augment else 0,
-        flip=cfg.augment and cfg.flip, label_smoothing=cfg.label_smoothing, dtype=dtype)
+    step = train_lib.make_train_step(model, tx, train_lib.StepOptions(
+        mean=mean, std=std, dtype=dtype, crop_pad=cfg.crop_pad if cfg.augment else 0, flip=cfg.augment and cfg.flip,
+        label_smoothing=cfg.label_smoothing), mesh=mesh)
     data = tuple(train_lib.replicate(a, mesh) for a in (x, y, np.arange(len(x), dtype=np.int32).reshape(n_batches, batch)))
     t = time.perf_counter()
     train_c = step.on_dataset.lower(state, *data).compile()

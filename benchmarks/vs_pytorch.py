@@ -69,7 +69,7 @@ def serve_jax(a: argparse.Namespace) -> None:
     tx = optax.sgd(0.1, momentum=0.9)
     state = train_lib.create_state(model, tx, (32, 32, 3), seed=0, mesh=mesh)
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    step = train_lib.make_train_step(model, tx, mesh=mesh, mean=mean, std=std)
+    step = train_lib.make_train_step(model, tx, train_lib.StepOptions(mean=mean, std=std), mesh=mesh)
     rng = np.random.default_rng(0)
     n_batches = 4
     x = rng.integers(0, 256, (n_batches * a.batch, 32, 32, 3), dtype=np.uint8)

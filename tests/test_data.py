@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from adaresnet_jax.data import DataError, Dataset, augment, from_arrays, load_dataset, normalize, validate
+from adaresnet_jax.data import DataError, Dataset, Split, augment, from_arrays, load_dataset, normalize, validate
 
 CIFAR_ENV = "ADARESNET_CIFAR_NPZ"  # opt-in: the offline CIFAR-10 copy's lossless npz (see conftest.py)
 
@@ -290,7 +290,7 @@ def test_from_arrays_rejects_bad_inputs() -> None:
     with pytest.raises(DataError, match="test split is empty"):
         from_arrays("t", x[1:], y[1:], x[:0], y[:0])
     with pytest.raises(DataError, match="leaves none to train"):
-        from_arrays("t", x[1:2], y[1:2], x[1:], y[1:], val_split=0.5)
+        from_arrays("t", x[1:2], y[1:2], x[1:], y[1:], split=Split(val_split=0.5))
 
 
 # ----------------------------------------------------------------------------- normalize / augment
@@ -363,7 +363,7 @@ def test_real_cifar10_stats_and_pixels() -> None:
     path = Path(os.environ[CIFAR_ENV])
     with np.load(path) as f:
         x, y = f["x_train"], f["y_train"]
-    ds = from_arrays("cifar10", x[:3500], y[:3500], x[3500:], y[3500:], num_classes=10, val_split=0.1)
+    ds = from_arrays("cifar10", x[:3500], y[:3500], x[3500:], y[3500:], num_classes=10, split=Split(val_split=0.1))
     assert ds.image_shape == (32, 32, 3) and len(ds.x_train) == 3150
     np.testing.assert_array_equal(x[0, 0, :3, 0], [59, 43, 50])  # row 0 of data_batch_1 begins R = 59, 43, 50
     np.testing.assert_allclose(ds.mean, (0.4914, 0.4822, 0.4465), atol=0.02)  # published CIFAR-10 stats

@@ -132,8 +132,8 @@ def test_batches_do_not_depend_on_workers_and_resume_from_grain_state(folder: Pa
     assert (len(sd.train_idx), len(sd.val_idx), len(sd.test_idx), sd.num_classes) == (270, 30, 100, 10)
 
     def take(workers: int, start: int = 0, n: int = 6, saved: bytes | None = None) -> list[dict]:
-        stream = S.TrainStream(sd, batch=100, steps_per_epoch=2, end_step=20, start_step=start, size=32, seed=1,
-                               augment=True, workers=workers, saved=saved)
+        stream = S.TrainStream(sd, S.TrainImages(batch=100, steps_per_epoch=2, size=32, seed=1, augment=True),
+                               range(start, 20), workers=workers, saved=saved)
         try:
             return [next(stream) for _ in range(n)]
         finally:

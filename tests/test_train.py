@@ -146,7 +146,7 @@ def test_step_deterministic_and_gather_matches_given_batch() -> None:
     rng = np.random.default_rng(0)
     x_all = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     y_all = rng.integers(0, 10, 40).astype(np.int32)
-    steps = T.make_train_step(model, tx, mesh=mesh, mean=(0.3,), std=(0.2,), seed=3)
+    steps = T.make_train_step(model, tx, T.StepOptions(mean=(0.3,), std=(0.2,), seed=3), mesh=mesh)
     perm = T.make_epoch_permutation(3, 40, 8, mesh)(0)
     assert perm.shape == (5, 8) and len(np.unique(np.asarray(perm))) == 40
     key, state0 = jax.random.key(1), T.create_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
@@ -454,7 +454,7 @@ x = rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8); y = rng.integers(0, 10,
 out = {}
 for n in (1, 8):
     mesh = T.make_mesh(jax.devices()[:n])
-    steps = T.make_train_step(model, tx, mesh=mesh, mean=(0.3,), std=(0.2,), crop_pad=2, flip=True)
+    steps = T.make_train_step(model, tx, T.StepOptions(mean=(0.3,), std=(0.2,), crop_pad=2, flip=True), mesh=mesh)
     state = T.create_state(model, tx, (8, 8, 1), seed=0, mesh=mesh)
     losses = []
     for i in range(2):

@@ -7,8 +7,8 @@ python archive into :func:`cache_dir` (:mod:`.download`; also ``python -m adares
 
 from adaresnet_jax.data.download import DownloadError, cache_dir, fetch
 from adaresnet_jax.data.errors import DataError
-from adaresnet_jax.data.sources import Dataset, channel_stats, from_arrays, load_dataset, validate
+from adaresnet_jax.data.sources import Dataset, Split, channel_stats, from_arrays, load_dataset, validate
 from adaresnet_jax.data.transforms import augment, normalize
 
 __all__ = ["DataError", "Dataset", "channel_stats", "DownloadError", "augment", "cache_dir", "fetch", "from_arrays", "load_dataset",
-           "normalize", "validate"]
+           "normalize", "Split", "validate"]

@@ -6,19 +6,17 @@ without a name, that line lists the names there are).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import NoReturn
 
+from adaresnet_jax.cli import OneLineParser
 from adaresnet_jax.data.download import ARCHIVES, CACHE_ENV, MIRROR_ENV, fetch
 from adaresnet_jax.data.errors import DataError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line ``error: ...`` on stderr (exit code 2)."""
+class _Parser(OneLineParser):
+    """Errors as one line ``error: ...`` on stderr (exit code 2)."""
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
+    error_format = "error: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

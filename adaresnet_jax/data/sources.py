@@ -154,32 +154,50 @@ def channel_stats(x: np.ndarray, chunk: int = 2048) -> tuple[tuple[float, ...], 
     return tuple(float(m) for m in mean), tuple(float(max(v, 1 / 255)) for v in std)
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How a data set's splits are cut: ``val_split`` in [0, 1) of the training images held out for validation
+    (a permutation seeded by ``seed``; 0: none), then train/test cut to their first ``max_train``/``max_test``
+    images (None: all). The one rule of the resident and streaming paths (:meth:`indices`)."""
+
+    val_split: float = 0.0
+    seed: int = 0
+    max_train: int | None = None
+    max_test: int | None = None
+
+    def check(self) -> None:
+        """DataError (one line) for a value out of range."""
+        if not 0.0 <= self.val_split < 1.0:
+            raise DataError(f"val_split is {self.val_split}: it must be in [0, 1) (0 disables validation)")
+        for arg, v in (("max_train", self.max_train), ("max_test", self.max_test)):
+            if v is not None and v < 1:
+                raise DataError(f"{arg} is {v}: it must be a positive count, or None for all images")
+
+    def indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train indices, validation indices), each sorted, of ``n`` training images (train cut to max_train)."""
+        n_val = max(1, round(self.val_split * n)) if self.val_split > 0 else 0
+        if n_val >= n:
+            raise DataError(f"val_split={self.val_split} of {n} training images leaves none to train on: lower it")
+        perm = np.random.default_rng(self.seed).permutation(n)
+        return np.sort(perm[n_val:])[:self.max_train], np.sort(perm[:n_val])
+
+
 def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                *, num_classes: int | None = None, val_split: float = 0.0, seed: int = 0,
-                max_train: int | None = None, max_test: int | None = None) -> Dataset:
+                *, num_classes: int | None = None, split: Split = Split()) -> Dataset:
     """Builds a validated Dataset from raw arrays: images (N, H, W) or (N, H, W, C), labels (N,) or (N, 1).
 
-    num_classes defaults to max label + 1. `val_split` of the training set is held out with a permutation
-    seeded by `seed`; then train/test are truncated to their first `max_train`/`max_test` images.
+    num_classes defaults to max label + 1; ``split`` says how validation is held out and what is kept.
     """
-    if not 0.0 <= val_split < 1.0:
-        raise DataError(f"val_split is {val_split}: it must be in [0, 1) (0 disables validation)")
-    for arg, v in (("max_train", max_train), ("max_test", max_test)):
-        if v is not None and v < 1:
-            raise DataError(f"{arg} is {v}: it must be a positive count, or None for all images")
+    split.check()
     xtr, xte = _to_images(x_train, "train"), _to_images(x_test, "test")
     ytr, yte = _to_labels(y_train, "train"), _to_labels(y_test, "test")
     if num_classes is None:
         num_classes = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
     _check_splits({"train": (xtr, ytr), "test": (xte, yte)}, num_classes)
-    n_val = max(1, round(val_split * len(xtr))) if val_split > 0 else 0
-    if n_val >= len(xtr):
-        raise DataError(f"val_split={val_split} of {len(xtr)} training images leaves none to train on: lower it")
-    perm = np.random.default_rng(seed).permutation(len(xtr))
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train_idx, val_idx = split.indices(len(xtr))
     xva, yva = xtr[val_idx], ytr[val_idx]
-    xtr, ytr = xtr[train_idx][:max_train], ytr[train_idx][:max_train]
-    xte, yte = xte[:max_test], yte[:max_test]
+    xtr, ytr = xtr[train_idx], ytr[train_idx]
+    xte, yte = xte[:split.max_test], yte[:split.max_test]
     mean, std = channel_stats(xtr)
     return Dataset(name, xtr, ytr.astype(np.int32), xva, yva.astype(np.int32), xte, yte.astype(np.int32),
                    int(num_classes), mean, std)
@@ -360,7 +378,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_split: float = 0
     `val_split` in [0, 1) of the training set becomes the validation split (permutation seeded by `seed`);
     `max_train`/`max_test` keep only the first images of train/test (after the validation split).
     """
-    kwargs = dict(val_split=val_split, seed=seed, max_train=max_train, max_test=max_test)
+    kwargs = dict(split=Split(val_split, seed, max_train, max_test))
     if name == "digits":
         return from_arrays(name, *_load_digits(), num_classes=10, **kwargs)
     path = Path(data_dir).expanduser() if data_dir is not None else None

@@ -15,7 +15,7 @@ augmented with ``np.random.default_rng([seed, 2, e, i])``. An image that does no
 the next image of the epoch's order that does, and counted.
 
 **Resume.** The pipeline's position is the step. The grain iterator state (and the layout it was saved
-with) goes into each checkpoint through grain's orbax handler (:meth:`TrainStream.state`); a run
+with) goes into each checkpoint through grain's orbax handler (the "state" of each batch of :class:`TrainStream`); a run
 restarted with the same layout continues from that state, and one with another worker or process count
 starts a fresh iterator at the step's position: both see the same batches as a run never stopped.
 
@@ -31,8 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ import numpy as np
 from adaresnet_jax.data import images as img
 from adaresnet_jax.data.folder import check_data_dir, is_image_folder, scan
 from adaresnet_jax.data.errors import DataError
-from adaresnet_jax.data.sources import channel_stats, open_tfds
+from adaresnet_jax.data.sources import Split, channel_stats, open_tfds
 
 RESIDENT_ONLY = ("digits", "npz", "cifar10", "cifar100")  # names that are read into memory by sources.py
 CHUNK = 64  # most images one grain element (one worker's unit of work) holds
@@ -120,13 +118,9 @@ def open_streaming(name: str, data_dir: str | None, *, val_split: float = 0.0, s
         classes = list(features["label"].names)
         shape = tuple(features["image"].shape)
         shape = shape if all(isinstance(d, int) for d in shape) else None
-    n = len(train)
-    n_val = max(1, round(val_split * n)) if val_split > 0 else 0
-    if n_val >= n:
-        raise DataError(f"val_split={val_split} of {n} training images leaves none to train on: lower it")
-    perm = np.random.default_rng(seed).permutation(n)  # the rule of sources.from_arrays
-    return StreamingData(name, kind, train, test, np.sort(perm[n_val:])[:max_train], np.sort(perm[:n_val]),
-                         np.arange(len(test))[:max_test], tuple(classes), shape)
+    train_idx, val_idx = Split(val_split, seed, max_train, max_test).indices(len(train))  # the resident path's rule
+    return StreamingData(name, kind, train, test, train_idx, val_idx, np.arange(len(test))[:max_test],
+                         tuple(classes), shape)
 
 
 # ----------------------------------------------------------------------------- the order and the chunks
@@ -148,15 +142,30 @@ def _concat(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainImages:
+    """How the training batches are made: ``batch`` images a step (global; the last partial batch of an epoch
+    dropped), ``steps_per_epoch``, ``size`` x ``size`` pixels, ``seed`` (the order and the augmentation); with
+    ``augment`` a random-resized crop of at least ``min_area`` of the image and a random horizontal ``flip``,
+    else the evaluation transform (centre ``crop``)."""
+
+    batch: int
+    steps_per_epoch: int
+    size: int
+    seed: int
+    augment: bool
+    flip: bool = True
+    min_area: float = 0.08
+    crop: float = 0.875
+
+
 class _TrainChunks:
     """grain map function: element k -> chunk ``k % cpb`` of this process's rows of step ``k // cpb``."""
 
-    def __init__(self, sd: StreamingData, *, batch: int, steps_per_epoch: int, process: int, processes: int,
-                 size: int, seed: int, augment: bool, flip: bool, min_area: float, crop: float) -> None:
-        self.records, self.idx = sd.train_records, sd.train_idx
-        self.batch, self.spe, self.size, self.seed = batch, steps_per_epoch, size, seed
-        self.augment, self.flip, self.min_area, self.crop = augment, flip, min_area, crop
-        self.rows = batch // processes
+    def __init__(self, sd: StreamingData, spec: TrainImages, *, process: int, processes: int) -> None:
+        self.records, self.idx, self.spec = sd.train_records, sd.train_idx, spec
+        self.batch, self.spe, self.size, self.seed = spec.batch, spec.steps_per_epoch, spec.size, spec.seed
+        self.rows = spec.batch // processes
         self.first = process * self.rows
         self.cpb, self.per = chunking(self.rows)
         self._orders: dict[int, np.ndarray] = {}
@@ -167,10 +176,10 @@ class _TrainChunks:
         return self._orders[epoch]
 
     def render(self, data: bytes, index: int, epoch: int) -> np.ndarray | None:
-        if not self.augment:
-            return img.eval_image(data, self.size, self.crop)
+        if not self.spec.augment:
+            return img.eval_image(data, self.size, self.spec.crop)
         rng = np.random.default_rng([self.seed, 2, epoch, int(index)])
-        return img.train_image(data, self.size, rng, min_area=self.min_area, flip=self.flip)
+        return img.train_image(data, self.size, rng, min_area=self.spec.min_area, flip=self.spec.flip)
 
     def __call__(self, k: int) -> dict[str, Any]:
         step, c = divmod(int(k), self.cpb)
@@ -251,23 +260,22 @@ def default_threads() -> int:
 # ----------------------------------------------------------------------------- streams
 
 class TrainStream:
-    """This process's part of every training batch from ``start_step`` on, as host numpy arrays.
+    """This process's part of the training batches of global steps ``steps`` (a range), as host numpy arrays.
 
     ``next(stream)`` -> {"image" (B/P, size, size, 3) uint8, "label" (B/P,) int32, "bad": [record indices
-    that did not decode]}. ``state()`` -> bytes (JSON) for the checkpoint: the grain iterator state after
-    the last batch returned, and the layout it belongs to. ``saved``: such a state (or None).
+    that did not decode], "state": bytes (JSON) for the checkpoint: the grain iterator state after this batch
+    and the layout it belongs to}. ``saved``: such a state (or None); ``workers`` grain worker processes (0:
+    ``threads`` threads here); ``say``: a note to the user.
     """
 
-    def __init__(self, sd: StreamingData, *, batch: int, steps_per_epoch: int, end_step: int, start_step: int,
-                 size: int, seed: int, augment: bool, flip: bool = True, min_area: float = 0.08,
-                 crop: float = 0.875, workers: int = 0, threads: int | None = None,
-                 saved: bytes | None = None, say: Callable[[str], None] = lambda m: None) -> None:
+    def __init__(self, sd: StreamingData, spec: TrainImages, steps: range, *, workers: int = 0,
+                 threads: int | None = None, saved: bytes | None = None,
+                 say: Callable[[str], None] = lambda m: None) -> None:
         from grain.sharding import ShardByJaxProcess
 
         shard = ShardByJaxProcess()
-        self.fn = _TrainChunks(sd, batch=batch, steps_per_epoch=steps_per_epoch, process=shard.shard_index,
-                               processes=shard.shard_count, size=size, seed=seed, augment=augment, flip=flip,
-                               min_area=min_area, crop=crop)
+        self.spec, start_step, end_step, batch, seed = spec, steps.start, steps.stop, spec.batch, spec.seed
+        self.fn = _TrainChunks(sd, spec, process=shard.shard_index, processes=shard.shard_count)
         cpb = self.fn.cpb
         self.layout = {"batch": batch, "chunks": cpb, "workers": workers, "processes": shard.shard_count,
                        "process": shard.shard_index, "seed": seed, "images": int(len(sd.train_idx))}
@@ -312,59 +320,6 @@ def eval_batches(records: Sequence[Any], splits: Sequence[np.ndarray], *, batch:
         yield from it
     finally:
         it.close()
-
-
-class DevicePrefetch:
-    """Runs ``place(item)`` (host batch -> device arrays) for the items of ``source`` in a background thread,
-    ``size`` items ahead, so the step finds its batch on the devices when the host keeps up. Errors in
-    the thread are raised by ``next``; ``close`` stops the thread and closes ``source``."""
-
-    _END = object()
-
-    def __init__(self, source: Iterator[Any], place: Callable[[Any], Any], size: int = 2) -> None:
-        self.source, self.place = source, place
-        self._q: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="device-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for item in self.source:
-                if not self._put(self.place(item)):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-            self._put(e)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._q.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join()
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
 
 
 # ----------------------------------------------------------------------------- before training
