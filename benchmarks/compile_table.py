@@ -139,23 +139,33 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="NET|TARGET rows to compile (default: the platform's)")
     p.add_argument("--max-batch", nargs="*", default=[], help="NET|TARGET rows to compile with --find-max-batch")
     p.add_argument("--render", action="store_true", help="print the markdown table from the JSON")
+    p.add_argument("--out", type=Path, default=OUT, help="the JSON to read and update (parallel runs: one each)")
+    p.add_argument("--merge", nargs="*", type=Path, default=[], help="copy these JSONs' rows into --out")
     a = p.parse_args()
-    rows = json.loads(OUT.read_text())["rows"] if OUT.exists() else {}
+    out = a.out
+    if a.merge:
+        rows = json.loads(out.read_text())["rows"] if out.exists() else {}
+        for path in a.merge:
+            rows.update(json.loads(path.read_text())["rows"])
+        out.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+        return
+    rows = json.loads(out.read_text())["rows"] if out.exists() else {}
     if a.render:
         print(render(rows))
         return
-    todo = a.only if a.only is not None else [k for k in DEFAULT_ROWS if k.split("|")[1].startswith(a.platform or "")]
-    for key in [*todo, *a.max_batch]:
+    todo = a.only if a.only is not None else [] if a.max_batch and not a.platform else [
+        k for k in DEFAULT_ROWS if k.split("|")[1].startswith(a.platform or "")]
+    for key in dict.fromkeys([*todo, *a.max_batch]):
         if key in rows and key not in a.max_batch and "error" not in rows[key]:
             continue
         net, target = key.split("|")
         print(f"compiling {net} for {target} ...", file=sys.stderr, flush=True)
         r = compile_row(net, target, key in a.max_batch)
         print(f"  {r.get('verdict', r.get('error'))} ({r.get('wall_s', '?')} s)", file=sys.stderr, flush=True)
-        rows = json.loads(OUT.read_text())["rows"] if OUT.exists() else {}  # another platform's run may have added rows
+        rows = json.loads(out.read_text())["rows"] if out.exists() else {}  # another platform's run may have added rows
         rows[key] = r
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
