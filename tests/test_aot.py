@@ -218,4 +218,4 @@ def test_find_max_batch_search(monkeypatch: pytest.MonkeyPatch, n_dev: int, star
         assert r["max_batch"] == cap and r["capped_by_training_set"] and r["first_that_does_not_fit"] is None
     else:
         assert truth - aot.max_batch_resolution(truth, n_dev) <= r["max_batch"] <= truth < r["first_that_does_not_fit"]
-    assert r["compiles"] <= (5 if curve == 0 else 8)  # bisection alone would need 10 to 17 here
+    assert r["compiles"] <= (5 if curve == 0 else 8)
