@@ -219,3 +219,34 @@ def test_find_max_batch_search(monkeypatch: pytest.MonkeyPatch, n_dev: int, star
     else:
         assert truth - aot.max_batch_resolution(truth, n_dev) <= r["max_batch"] <= truth < r["first_that_does_not_fit"]
     assert r["compiles"] <= (5 if curve == 0 else 8)
+
+
+@needs_tpu_compiler
+def test_find_max_batch_tiny_tpu(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--find-max-batch`` through train.main for a tiny network on a v5e 2x2 slice, with the usable memory set
+    just below what the train step needs at the whole training set (compiled once here first, so the limit
+    falls inside the searched range whatever the compiler's figures): the report's largest batch was compiled
+    and fits, the first that does not fit was compiled and does not, within the stated resolution, and the
+    search took few compiles (the run's own compile of its batch is reused)."""
+    flags = [*TINY, "--dataset", "digits", "--eval-batch-size", "64", "--compile-only", "tpu:v5e:2x2"]
+    cfg = parse_config([*flags, "--batch-size", "256"])
+    target = targets.parse_target("tpu:v5e:2x2")
+    aot.prepare_host(target)
+    devices, shapes = aot.target_devices(target), aot.data_shapes(cfg)
+    cap = shapes.n_train // 4 * 4
+    _, need_cap, _ = aot.compile_once(cfg, target, devices, shapes, cap, with_eval=False)
+    assert need_cap is not None
+    limit = need_cap - 1
+    monkeypatch.setattr(aot, "usable_memory", lambda target: limit)
+    code = T.main([*flags, "--batch-size", "256", "--find-max-batch", "--workdir", str(tmp_path)])
+    r = _report(tmp_path)
+    assert code == (0 if r["fits"] else aot.EXIT_DOES_NOT_FIT)
+    mb = r["max_batch"]
+    _check_search(mb, 4, limit)
+    assert mb["usable_bytes"] == limit and not mb["capped_by_training_set"]
+    assert mb["tries"][0] == {"batch": 256, "needed_bytes": mb["tries"][0]["needed_bytes"], "fits": mb["tries"][0]["fits"],
+                              "how": "given"}
+    assert mb["compiles"] == len(mb["tries"]) - 1 <= 8
+    if cap in {t["batch"] for t in mb["tries"]}:
+        assert not next(t for t in mb["tries"] if t["batch"] == cap)["fits"]
+    assert f"largest batch that fits: {mb['max_batch']}" in capsys.readouterr().out
