@@ -87,7 +87,7 @@ def max_batch_cell(r: dict) -> str:
     or, not searched, the seconds one compile of the train step took here."""
     mb = r.get("max_batch")
     if not mb:
-        return f"not searched: {r['programs']['train'].get('compile_s', 0):,.0f} s a compile here"
+        return f"not searched in time: {r['programs']['train'].get('compile_s', 0):,.0f} s a compile here"
     if mb["max_batch"] is None:
         return f"none ({mb['first_that_does_not_fit']} does not fit)"
     rest = ("all of the training set" if mb["capped_by_training_set"]
