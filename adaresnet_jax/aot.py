@@ -25,7 +25,8 @@ plus the data a resident run keeps on every device besides that program's argume
 network's forward FLOPs per image from its jaxpr, x3 for a train step, beside the cost analysis) and
 ``roofline``: the larger of FLOPs / peak FLOP/s and bytes accessed / HBM bandwidth per device, a LOWER BOUND on
 step time and so an UPPER BOUND on images/s, never a measurement. ``--find-max-batch`` adds ``max_batch``: the
-largest global batch (a multiple of the device count) whose train step fits, by bisection.
+largest global batch (a multiple of the device count) whose train step fits, within 1/32, from a linear model
+of memory in the batch and bisection (:func:`find_max_batch`).
 """
 
 from __future__ import annotations
@@ -483,48 +484,114 @@ def compile_once(cfg: Config, target: Target, devices: list[Any], shapes: DataSh
     return out, _fits(out, progs), progs
 
 
-def find_max_batch(cfg: Config, target: Target, devices: list[Any], shapes: DataShapes, say: Any,
-                   start: int) -> dict[str, Any]:
-    """The largest global batch (a multiple of the device count, at most the training set) whose train step fits:
-    doubling from ``start`` to the first that does not fit, then bisection. Each try compiles the train step."""
+MAX_BATCH_RELATIVE_RESOLUTION = 32  # the search stops once the bracket is within 1/32 of the batch that fits
+_MODEL_TRIES = 6  # tries placed by the linear model of memory in the batch before plain bisection takes over
+
+
+def max_batch_resolution(batch: int, n_dev: int) -> int:
+    """The bracket width at which :func:`find_max_batch` stops, for a largest fitting ``batch``: max(the device
+    count, ``batch`` / 32 rounded down to a multiple of the device count)."""
+    return max(n_dev, batch // MAX_BATCH_RELATIVE_RESOLUTION // n_dev * n_dev)
+
+
+def _line_reaches(p0: tuple[int, int], p1: tuple[int, int], avail: int) -> float | None:
+    """The batch at which the line through two (batch, bytes needed) points reaches ``avail`` bytes; None when
+    it does not rise with the batch."""
+    (b0, n0), (b1, n1) = sorted((p0, p1))
+    if b1 == b0 or n1 <= n0:
+        return None
+    return b0 + (avail - n0) * (b1 - b0) / (n1 - n0)
+
+
+def find_max_batch(cfg: Config, target: Target, devices: list[Any], shapes: DataShapes, say: Any, start: int,
+                   known: dict[int, tuple[int | None, bool]] | None = None) -> dict[str, Any]:
+    """The largest global batch (a multiple of the device count, at most the training set) whose train step
+    fits, to within :func:`max_batch_resolution`. Each try compiles the train step; ``known`` gives tries
+    already compiled ({batch: (bytes needed per device or None, the compiler refused it)}: the run's own batch).
+
+    The bytes a step needs grow about linearly with the batch. From the start batch the search doubles (or
+    halves, when the start does not fit) once; then each try goes where the line through two compiled tries
+    (the largest that fits and the smallest that does not, by regula falsi with the Illinois correction, else
+    the two nearest the limit on one side) reaches the usable memory, half a resolution below, kept at least one
+    resolution inside the bracket so that a right prediction is closed by the next try. Before a bracket exists,
+    two such tries on the same side of the limit are followed by a plain step (doubling while nothing failed,
+    halving while nothing fitted); after ``_MODEL_TRIES`` of them, or when no line rises, bisection finishes.
+
+    Returns {"max_batch" (None: not even one image per device fits), "first_that_does_not_fit" (None: the
+    whole training set fits), "capped_by_training_set", "resolution" ({"rule", "bound": the resolution at the
+    result, "gap": first_that_does_not_fit - max_batch}), "tries" (in order: {"batch", "needed_bytes" per
+    device or None, "fits", "how": given/start/double/halve/model/bisect}), "compiles" (run by the search),
+    "usable_bytes", "search_s"}. ``max_batch`` and ``first_that_does_not_fit`` are both among the tries, the
+    first compiled and fitting, the second compiled and not fitting.
+    """
+    t0 = time.perf_counter()
     n_dev, avail = len(devices), usable_memory(target)
     cap = shapes.n_train // n_dev * n_dev
-    tried: dict[int, int] = {}  # batch: bytes needed per device (-1: the compiler ran out of memory, no figure)
+    known = dict(known or {})
+    tries: list[dict[str, Any]] = []
+    need: dict[int, int | None] = {}
     ok: dict[int, bool] = {}
 
-    def fits(b: int) -> bool:
-        if b not in ok:
-            progs, need, _ = compile_once(cfg, target, devices, shapes, b, with_eval=False)
+    def fits(b: int, how: str) -> bool:
+        if b in known:
+            n, refused = known[b]
+            how = "given"
+        else:
+            progs, n, _ = compile_once(cfg, target, devices, shapes, b, with_eval=False)
             refused = "compile_error" in progs["train"]
-            ok[b], tried[b] = need is not None and need <= avail and not refused, -1 if need is None else need
-            say(f"  batch {b}: {verdict(need, avail, refused)}")
+        need[b], ok[b] = n, n is not None and n <= avail and not refused
+        tries.append({"batch": b, "needed_bytes": n, "fits": ok[b], "how": how})
+        say(f"  batch {b} ({how}): {verdict(n, avail, refused)}")
         return ok[b]
 
-    lo, hi = 0, None
-    b = max(n_dev, min(start // n_dev * n_dev, cap))
-    while hi is None:
-        if fits(b):
-            lo = b
-            if b >= cap:
-                break
-            b = min(2 * b, cap)
-        else:
-            hi = b
-            b = b // 2 // n_dev * n_dev
-            while b >= n_dev and lo == 0:
-                if fits(b):
-                    lo = b
-                else:
-                    hi, b = b, b // 2 // n_dev * n_dev
+    def line(stale: int, stale_fit: bool) -> float | None:
+        """Where the bytes needed reach ``avail``: by regula falsi between the largest try that fits and the
+        smallest that does not (Illinois: the end that stayed put through ``stale`` > 1 model tries in a row has
+        its excess halved per extra try), else by the line through the two tries nearest the limit on one side."""
+        good = [b for b in sorted(need) if ok[b]]
+        bad = [b for b in sorted(need) if not ok[b] and need[b] is not None]
+        if good and bad:
+            (g, eg), (h, eh) = (good[-1], need[good[-1]] - avail), (bad[0], need[bad[0]] - avail)  # type: ignore[operator]
+            if eh <= 0 or eg > 0:
+                return None
+            shrink = 0.5 ** max(stale - 1, 0)
+            eg, eh = (eg, eh * shrink) if stale_fit else (eg * shrink, eh)
+            return g + (h - g) * -eg / (eh - eg) if eh > eg else None
+        pts = good[-2:] if len(good) >= 2 else bad[:2]
+        return _line_reaches((pts[0], need[pts[0]]), (pts[1], need[pts[1]]), avail) if len(pts) == 2 else None  # type: ignore[arg-type]
+
+    down = lambda x: int(x) // n_dev * n_dev  # noqa: E731 - a multiple of the device count, rounded down
+    b = max(n_dev, min(down(start), cap))
+    lo, hi = (b, None) if fits(b, "start") else (0, b)
+    model_tries = 0
+    while True:
+        res = max_batch_resolution(lo, n_dev)
+        if (hi is None and lo == cap) or (hi is not None and (hi <= n_dev or (lo and hi - lo <= res))):
             break
-    while hi is not None and lo and hi - lo > n_dev:
-        mid = (lo + hi) // 2 // n_dev * n_dev
-        if fits(mid):
-            lo = mid
+        c, how = None, ""
+        stale = 0  # model tries in a row, the last ones, that all landed on the side of the last one
+        while stale < len(tries) and tries[-1 - stale]["how"] == "model" and tries[-1 - stale]["fits"] == tries[-1]["fits"]:
+            stale += 1
+        bracketed = bool(lo) and hi is not None
+        p = line(stale, tries[-1]["fits"]) if model_tries < _MODEL_TRIES and (bracketed or stale < 2) else None
+        if p is not None:
+            low, high = (lo + res if lo else n_dev), (hi - res if hi is not None else cap)
+            if low <= high:
+                c, how = min(max(down(p - res / 2), low), high), "model"
+                model_tries += 1
+        if c is None or c in ok:
+            c, how = ((min(2 * lo, cap), "double") if hi is None else (down(hi // 2), "halve") if not lo
+                      else (down((lo + hi) // 2), "bisect"))
+        if fits(c, how):
+            lo = c
         else:
-            hi = mid
-    return {"max_batch": lo or None, "first_that_does_not_fit": hi, "capped_by_training_set": hi is None and lo == cap,
-            "tried": {str(k): v for k, v in sorted(tried.items())}}
+            hi = c if hi is None else min(hi, c)
+    return {"max_batch": lo or None, "first_that_does_not_fit": hi, "capped_by_training_set": hi is None,
+            "resolution": {"rule": f"first_that_does_not_fit - max_batch <= max(devices, max_batch / "
+                                   f"{MAX_BATCH_RELATIVE_RESOLUTION} rounded down to a multiple of the devices)",
+                           "bound": max_batch_resolution(lo, n_dev), "gap": None if hi is None else hi - lo},
+            "tries": tries, "compiles": sum(t["how"] != "given" for t in tries), "usable_bytes": avail,
+            "search_s": round(time.perf_counter() - t0, 1)}
 
 
 def compile_run(cfg: Config) -> dict[str, Any]:
@@ -584,7 +651,9 @@ def compile_run(cfg: Config) -> dict[str, Any]:
     }
     if cfg.find_max_batch:
         say(f"finding the largest batch that fits on {target.spec} (each try compiles the train step):")
-        report["max_batch"] = find_max_batch(cfg, target, devices, shapes, say, bs)
+        tr = programs["train"]
+        first = None if tr["memory"]["peak"] is None else tr["memory"]["peak"] if "compile_error" in tr else _fits({"train": tr}, progs)
+        report["max_batch"] = find_max_batch(cfg, target, devices, shapes, say, bs, known={bs: (first, "compile_error" in tr)})
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "compile_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -630,5 +699,6 @@ def summary_text(r: dict[str, Any]) -> str:
         mb = r["max_batch"]
         last = ("the whole training set: no larger batch exists" if mb["capped_by_training_set"]
                 else f"the next one tried, {mb['first_that_does_not_fit']}, does not")
-        lines.append(f"  largest batch that fits: {mb['max_batch']} ({last})")
+        lines.append(f"  largest batch that fits: {mb['max_batch']} ({last}; resolution {mb['resolution']['bound']}, "
+                     f"{len(mb['tries'])} tries, {mb['compiles']} compiled by the search in {mb['search_s']:.0f} s)")
     return "\n".join(lines)

@@ -7,9 +7,14 @@ benchmarks/README.md ("Compiled for accelerators (not run)") and its raw JSON.
     nice -n 5 python benchmarks/compile_table.py --platform tpu
     python benchmarks/compile_table.py --render                          # the markdown table, from the JSON
 
-Rows already in the JSON are kept (delete an entry to recompile it); ``--max-batch NET:TARGET`` adds the largest
-batch for that row (bisection, one compile per try). Every network compiles with ``--dtype auto`` (bfloat16 on the
-targets) at its preset's global batch and data set.
+Rows already in the JSON are kept (delete an entry to recompile it); ``--max-batch 'NET|TARGET' ...`` recompiles
+those rows with ``--find-max-batch``: the largest global batch whose train step fits, to within 1/32 (one compile
+of the train step per try, placed by a linear model of memory in the batch; aot.find_max_batch). A row without
+it says how long one compile took here. Every network compiles with ``--dtype auto`` (bfloat16 on the targets) at
+its preset's global batch and data set.
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu nice -n 5 /path/to/gpu-venv/bin/python benchmarks/compile_table.py \
+        --max-batch 'resnet50|gpu:h100' 'paper|gpu:h100' ...
 """
 
 from __future__ import annotations
@@ -58,8 +63,36 @@ def compile_row(net: str, target: str, max_batch: bool) -> dict:
         report = json.loads(report_path.read_text())
     report["command"] = "python " + " ".join(cmd[1:]).replace(tmp, "DIR")
     report["wall_s"] = round(wall, 1)
+    report["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["compilers"] = _compilers()
     report["exit_code"] = out.returncode
     return report
+
+
+def _compilers() -> dict[str, str]:
+    """Versions of the packages that compiled the row (this interpreter's)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def max_batch_cell(r: dict) -> str:
+    """The "largest batch" cell: the batch, the first that does not fit, the compiles and seconds of the search;
+    or, not searched, the seconds one compile of the train step took here."""
+    mb = r.get("max_batch")
+    if not mb:
+        return f"not searched in time: {r['programs']['train'].get('compile_s', 0):,.0f} s a compile here"
+    if mb["max_batch"] is None:
+        return f"none ({mb['first_that_does_not_fit']} does not fit)"
+    rest = ("all of the training set" if mb["capped_by_training_set"]
+            else f"{mb['first_that_does_not_fit']:,} does not")
+    return f"{mb['max_batch']:,} ({rest}; {mb['compiles']} compiles, {mb['search_s']:,.0f} s)"
 
 
 def render(rows: dict) -> str:
@@ -76,9 +109,7 @@ def render(rows: dict) -> str:
             lines.append(f"| {net} | {target} | | {why} | | | | | {ANCHORS.get(key, '')} | |")
             continue
         run, tr, rf = r["run"], r["programs"]["train"], r["roofline"]
-        mb = r.get("max_batch")
-        mbs = "not searched (time)" if not mb else f"{mb['max_batch']}" + (
-            " (all of the training set)" if mb["capped_by_training_set"] else "")
+        mbs = max_batch_cell(r)
         lines.append(
             f"| {net} | {target} ({r['target']['devices']} dev, {r['target']['hosts']} host) | {run['global_batch']} "
             f"({run['per_device_batch']}) | {g(r['needed_bytes_per_device'])} of {g(r['target']['usable_memory_bytes'])}: "
@@ -108,23 +139,33 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="NET|TARGET rows to compile (default: the platform's)")
     p.add_argument("--max-batch", nargs="*", default=[], help="NET|TARGET rows to compile with --find-max-batch")
     p.add_argument("--render", action="store_true", help="print the markdown table from the JSON")
+    p.add_argument("--out", type=Path, default=OUT, help="the JSON to read and update (parallel runs: one each)")
+    p.add_argument("--merge", nargs="*", type=Path, default=[], help="copy these JSONs' rows into --out")
     a = p.parse_args()
-    rows = json.loads(OUT.read_text())["rows"] if OUT.exists() else {}
+    out = a.out
+    if a.merge:
+        rows = json.loads(out.read_text())["rows"] if out.exists() else {}
+        for path in a.merge:
+            rows.update(json.loads(path.read_text())["rows"])
+        out.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+        return
+    rows = json.loads(out.read_text())["rows"] if out.exists() else {}
     if a.render:
         print(render(rows))
         return
-    todo = a.only if a.only is not None else [k for k in DEFAULT_ROWS if k.split("|")[1].startswith(a.platform or "")]
-    for key in [*todo, *a.max_batch]:
+    todo = a.only if a.only is not None else [] if a.max_batch and not a.platform else [
+        k for k in DEFAULT_ROWS if k.split("|")[1].startswith(a.platform or "")]
+    for key in dict.fromkeys([*todo, *a.max_batch]):
         if key in rows and key not in a.max_batch and "error" not in rows[key]:
             continue
         net, target = key.split("|")
         print(f"compiling {net} for {target} ...", file=sys.stderr, flush=True)
         r = compile_row(net, target, key in a.max_batch)
         print(f"  {r.get('verdict', r.get('error'))} ({r.get('wall_s', '?')} s)", file=sys.stderr, flush=True)
-        rows = json.loads(OUT.read_text())["rows"] if OUT.exists() else {}  # another platform's run may have added rows
+        rows = json.loads(out.read_text())["rows"] if out.exists() else {}  # another platform's run may have added rows
         rows[key] = r
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": _cpu(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

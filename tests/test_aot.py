@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,94 @@ def test_compilation_cache_reused_by_a_second_process(tmp_path: Path) -> None:
     assert stats[0]["dir"] == str(cache) and stats[0]["hits"] == 0 and stats[0]["misses"] > 0
     assert stats[1]["hits"] >= stats[0]["misses"] - 1 and stats[1]["misses"] <= 1
     assert entries and set(entries) <= {p.name for p in cache.iterdir()}
+
+
+def _search(need_of: Any, n_dev: int, start: int, n_train: int, avail: int, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """aot.find_max_batch with the compiler replaced by ``need_of(batch)`` bytes per device."""
+    def compile_once(cfg: Any, target: Any, devices: Any, shapes: Any, batch: int, with_eval: bool = True) -> tuple:
+        return {"train": {"memory": {"peak": need_of(batch)}}}, need_of(batch), None
+
+    monkeypatch.setattr(aot, "compile_once", compile_once)
+    monkeypatch.setattr(aot, "usable_memory", lambda target: avail)
+    shapes = aot.DataShapes((32, 32, 3), 10, n_train, 0, 0, False, "known sizes")
+    return aot.find_max_batch(None, targets.parse_target("tpu:v5e:2x2"), list(range(n_dev)), shapes, lambda msg: None,
+                              start)  # type: ignore[arg-type]
+
+
+def _check_search(r: dict, n_dev: int, avail: int) -> None:
+    """The search's contract, from its own tries: max_batch was compiled and fits, first_that_does_not_fit was
+    compiled and does not, and they are within the stated resolution."""
+    tries = {t["batch"]: t for t in r["tries"]}
+    assert len(tries) == len(r["tries"])  # no batch compiled twice
+    assert all(b % n_dev == 0 for b in tries)
+    lo, hi = r["max_batch"], r["first_that_does_not_fit"]
+    if lo is not None:
+        assert tries[lo]["fits"] and tries[lo]["needed_bytes"] <= avail
+    if hi is not None:
+        assert not tries[hi]["fits"]
+    if lo is not None and hi is not None:
+        assert 0 < hi - lo == r["resolution"]["gap"] <= aot.max_batch_resolution(lo, n_dev) == r["resolution"]["bound"]
+        assert aot.max_batch_resolution(lo, n_dev) == max(n_dev, lo // 32 // n_dev * n_dev)
+
+
+@pytest.mark.parametrize("n_dev,start,n_train,per_image,curve", [
+    (4, 128, 50000, 2e6, 0.0),  # linear: start, double, the line's prediction, one try to close
+    (256, 1024, 1281167, 5e7, 0.0),  # a pod
+    (1, 32, 45000, 3e5, 0.4),  # convex (the line overshoots; regula falsi and bisection catch up)
+    (8, 65536, 1281167, 2e7, -0.2),  # concave, and the start does not fit (the search halves first)
+    (4, 32, 2000, 1e5, 0.0),  # the whole training set fits
+    (4, 64, 50000, 2e11, 0.0),  # not even one image per device fits
+])
+def test_find_max_batch_search(monkeypatch: pytest.MonkeyPatch, n_dev: int, start: int, n_train: int, per_image: float,
+                               curve: float) -> None:
+    """The search against memory curves whose largest fitting batch is known exactly (brute force over every
+    multiple of the device count): its answer is that batch or within the resolution below it, in few compiles."""
+    avail = 16 * 2**30
+
+    def need_of(b: int) -> int:
+        x = per_image * b / n_dev
+        return int(2**30 + x * (1 + curve * min(x / avail, 2)))
+
+    r = _search(need_of, n_dev, start, n_train, avail, monkeypatch)
+    _check_search(r, n_dev, avail)
+    cap = n_train // n_dev * n_dev
+    fitting = [b for b in range(n_dev, cap + 1, n_dev) if need_of(b) <= avail]
+    truth = fitting[-1] if fitting else None
+    if truth is None:
+        assert r["max_batch"] is None and r["first_that_does_not_fit"] == n_dev
+    elif truth == cap:
+        assert r["max_batch"] == cap and r["capped_by_training_set"] and r["first_that_does_not_fit"] is None
+    else:
+        assert truth - aot.max_batch_resolution(truth, n_dev) <= r["max_batch"] <= truth < r["first_that_does_not_fit"]
+    assert r["compiles"] <= (5 if curve == 0 else 8)
+
+
+@needs_tpu_compiler
+def test_find_max_batch_tiny_tpu(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--find-max-batch`` through train.main for a tiny network on a v5e 2x2 slice, with the usable memory set
+    just below what the train step needs at the whole training set (compiled once here first, so the limit
+    falls inside the searched range whatever the compiler's figures): the report's largest batch was compiled
+    and fits, the first that does not fit was compiled and does not, within the stated resolution, and the
+    search took few compiles (the run's own compile of its batch is reused)."""
+    flags = [*TINY, "--dataset", "digits", "--eval-batch-size", "64", "--compile-only", "tpu:v5e:2x2"]
+    cfg = parse_config([*flags, "--batch-size", "256"])
+    target = targets.parse_target("tpu:v5e:2x2")
+    aot.prepare_host(target)
+    devices, shapes = aot.target_devices(target), aot.data_shapes(cfg)
+    cap = shapes.n_train // 4 * 4
+    _, need_cap, _ = aot.compile_once(cfg, target, devices, shapes, cap, with_eval=False)
+    assert need_cap is not None
+    limit = need_cap - 1
+    monkeypatch.setattr(aot, "usable_memory", lambda target: limit)
+    code = T.main([*flags, "--batch-size", "256", "--find-max-batch", "--workdir", str(tmp_path)])
+    r = _report(tmp_path)
+    assert code == (0 if r["fits"] else aot.EXIT_DOES_NOT_FIT)
+    mb = r["max_batch"]
+    _check_search(mb, 4, limit)
+    assert mb["usable_bytes"] == limit and not mb["capped_by_training_set"]
+    assert mb["tries"][0] == {"batch": 256, "needed_bytes": mb["tries"][0]["needed_bytes"], "fits": mb["tries"][0]["fits"],
+                              "how": "given"}
+    assert mb["compiles"] == len(mb["tries"]) - 1 <= 8
+    if cap in {t["batch"] for t in mb["tries"]}:
+        assert not next(t for t in mb["tries"] if t["batch"] == cap)["fits"]
+    assert f"largest batch that fits: {mb['max_batch']}" in capsys.readouterr().out
