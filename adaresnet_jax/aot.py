@@ -176,7 +176,7 @@ class DataShapes:
 def data_shapes(cfg: Config) -> DataShapes:
     """The shapes of ``cfg``'s data set and input path, from :data:`KNOWN_DATASETS` (nothing read) or, for other
     data sets, read from ``--data-dir`` as a run would; UsageError when neither is possible."""
-    size = cfg.image_size or 224
+    size = cfg.image_px
     known = KNOWN_DATASETS.get(cfg.dataset)
     if known is None:
         if cfg.data_dir is None:
