@@ -148,10 +148,12 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict
                            "versions": runs[base][0]["summary"]["versions"],
                            "devices": runs[base][0]["summary"]["devices"], "rules": {}}
     k = a.last_k
+    sparse = any(len(evaluated(r["rows"])) < len(r["rows"]) for rs in runs.values() for r in rs)
+    last = f"last {k} tested epochs" if sparse else f"last {k} epochs"
     lines = [f"Test accuracy (%) after {cfg['epochs']} epochs, {a.seeds} seed(s) per variant, preset {a.preset} "
              f"({cfg['model']} on {cfg['dataset']}); differences to {base}, paired by seed: mean [95% t interval], "
              f"p, Wilcoxon p, seeds better/worse; Welch's unpaired interval for comparison:", "",
-             f"| variant | final (mean +- std) | vs {base}, paired | Welch | last {k} epochs | vs {base}, paired "
+             f"| variant | final (mean +- std) | vs {base}, paired | Welch | {last} | vs {base}, paired "
              f"| train acc | " + " | ".join(f"epochs to {100 * t:.1f}" for t in targets) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(targets)]
     for v in names:

@@ -79,13 +79,33 @@ depth_cifar() {  # Part 4: ResNet-56 at width 8, 5,000 images, the four rules, 2
       "${c5k[@]}" --conv-impl tuned --variants "$four"
 }
 
-# ---- Prepared, not run yet (not in the default list, not in results/summary.md's families) ----
-
 paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 training images, 10 epochs (16-40 min a
   # seed on 2 CPU cores, depending on what else runs; results/gpu_science.sh on a GPU). Ran at commit 01c534e (round 3).
   $conv --preset paper --skips identity,learned --seeds 3 --out $runs/paper-full --title "seed setup, full data" \
       --dataset cifar10 --data-dir "$data" --conv-impl tuned
 }
+
+controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside learned from 0 and from 1, ResNet-20,
+  # CIFAR-10 5k (--skip-lr-mult 0 scales the skip weights' update to exactly 0 under SGD, Adam and AdamW, and
+  # weight decay never reaches them: tests/test_summarize.py); test accuracy at epochs 5 and 10 only (see budget);
+  # 15 runs, 5-8 minutes each on this machine while it was shared (2026-12-03)
+  $conv --preset cifar --seeds 3 --out $runs/controls-cifar-r20-5k --title "controls, CIFAR-10 5k, resnet20" \
+      --model resnet20 "${c5k[@]}" --eval-every-steps 195 --conv-impl tuned_single_device --variants "identity=--skip identity;frozen0=--skip learned --skip-lr-mult 0;\
+frozen1=--skip learned --skip-init 1 --skip-lr-mult 0;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+}
+
+budget() {  # 5c: does the gap close with training? identity and learned for 30 epochs (cosine over all 30),
+  # ResNet-20, CIFAR-10 5k, seeds 0-1 (a third seed did not fit the session: --seeds 3 adds it; learned from 1 left
+  # out for CPU time); the 10-epoch point is the controls sweep's identity and learned (the same flags). Test
+  # accuracy every 5 epochs and at the end: testing the 10,000 images every epoch took 5x the 5,000-image epoch
+  # here, and testing never changes the training (the controls' identity, tested every epoch or every 5, ends
+  # bit-identical). About 12 minutes a run on a quiet machine, 20-25 shared.
+  $conv --preset cifar --seeds 2 --out $runs/budget-cifar-r20-5k-30ep --title "budget, CIFAR-10 5k, 30 epochs" \
+      --model resnet20 "${c5k[@]}" --epochs 30 --eval-every-steps 195 --conv-impl tuned_single_device \
+      --variants "identity=--skip identity;learned=--skip learned"
+}
+
+# ---- Prepared, not run yet (not in the default list, not in results/summary.md's families) ----
 
 paper_full_resnet50keras() {  # not run yet (45-85 min a seed here): the seed's own baseline on the full data
   $conv --preset paper --skips identity --seeds 3 --out $runs/paper-full-resnet50keras --title "seed baseline, full data" \
@@ -98,27 +118,10 @@ paper_normal() {  # 5a: the seed script's variant (downsampling blocks' w ~ Rand
       --variants "identity=--skip identity;learned=--skip learned;learned-normal=--skip learned --downsample-skip-init normal"
 }
 
-controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside learned from 0 and from 1, ResNet-20,
-  # CIFAR-10 5k (--skip-lr-mult 0 scales the skip weights' update to exactly 0 under SGD, Adam and AdamW, and
-  # weight decay never reaches them: tests/test_summarize.py); test accuracy at epochs 5 and 10 only (see budget);
-  # about 3 min a run here, 15 runs
-  $conv --preset cifar --seeds 3 --out $runs/controls-cifar-r20-5k --title "controls, CIFAR-10 5k, resnet20" \
-      --model resnet20 "${c5k[@]}" --eval-every-steps 195 --variants "identity=--skip identity;frozen0=--skip learned --skip-lr-mult 0;\
-frozen1=--skip learned --skip-init 1 --skip-lr-mult 0;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
-}
-
-budget() {  # 5c: does the gap close with training? identity and learned at 30 and 100 epochs (cosine over each),
-  # ResNet-20, CIFAR-10 5k, 3 seeds (learned from 1 left out: CPU time); the 10-epoch point is the controls
-  # sweep's identity and learned (the same flags). Test accuracy every 5 (30 epochs) or 15 (100 epochs) epochs
-  # and at the end: testing the 10,000 images every epoch took 5x the 5,000-image epoch here, and testing never
-  # changes the training (the controls' identity, tested every epoch or every 5, ends bit-identical)
-  local e every
-  for e in 30 100; do
-    every=$((e / 6 / 5 * 5))  # test accuracy every 5 epochs at 30, every 15 at 100 (39 steps an epoch)
-    $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-${e}ep --title "budget, CIFAR-10 5k, $e epochs" \
-        --model resnet20 "${c5k[@]}" --epochs $e --eval-every-steps $((39 * every)) \
-        --variants "identity=--skip identity;learned=--skip learned"
-  done
+budget_100() {  # prepared, not run (about 40 minutes a run here): the same at 100 epochs, tested every 15
+  $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
+      --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 \
+      --variants "identity=--skip identity;learned=--skip learned"
 }
 
 lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k
@@ -161,6 +164,7 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
   local saved=$conv
   conv="replot_one $py benchmarks/convergence.py"
   digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar; paper_full
+  controls; budget
   $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
       --variants "identity=--skip identity;learned-normal=--skip learned"
   conv=$saved
@@ -170,7 +174,7 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
 # The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 3).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       depth_cifar paper_full collect)
+                                       depth_cifar paper_full controls budget collect)
 [ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
   [ -n "$s" ] || continue

@@ -214,7 +214,7 @@ def provenance_table(root: Path = ROOT) -> str:
         for run in sorted(root.glob(f"{sweep}/*-seed*/summary.json")):
             name = run.parent.name
             p = stats.run_provenance(run.parent, json.loads(run.read_text()))
-            cells.setdefault(name.rsplit("-seed", 1)[0], set()).add(f"{p['commit']}, {p['conv_impl']} ({p['source']})")
+            cells.setdefault(name.rsplit("-seed", 1)[0], set()).add(f"{str(p['commit'])[:7]}, {p['conv_impl']} ({p['source']})")
         lines.append(f"| {sweep} | " + "; ".join(f"{v}: {' + '.join(sorted(s))}" for v, s in cells.items()) + " |")
     return "\n".join(lines)
 
