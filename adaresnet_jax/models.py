@@ -335,6 +335,13 @@ _NETWORKS: dict[str, dict[str, Any]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_NETWORKS)
 
 
+def network_fields(name: str) -> dict[str, Any]:
+    """A copy of the :class:`ResNet` fields that define the named network (stage sizes, block class, stem, ...)."""
+    if name not in _NETWORKS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return dict(_NETWORKS[name])
+
+
 def create_model(name: str, *, num_classes: int, skip: SkipRule = "learned", **overrides: Any) -> ResNet:
     """The named network as a :class:`ResNet` module; ``overrides`` replace any of its fields.
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adaresnet_jax.models import _NETWORKS, BottleneckBlock, ResNet
+from adaresnet_jax.models import BottleneckBlock, ResNet, network_fields
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HeadChoice = Literal["keep", "new"]
@@ -230,7 +230,7 @@ def _architecture(given: Mapping[str, Any]) -> tuple[tuple[int, ...], bool]:
 
 
 def _architecture_of(name: str) -> tuple[tuple[int, ...], bool]:
-    spec = _NETWORKS[name]
+    spec = network_fields(name)
     return tuple(spec["stage_sizes"]), _is_bottleneck(spec.get("block_cls"))
 
 
