@@ -126,6 +126,11 @@ def evaluated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("test_acc") is not None]
 
 
+def tested_sparsely(runs: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether any run of the sweep skipped test evaluations (tables and plots then say "tested epochs")."""
+    return any(len(evaluated(r["rows"])) < len(r["rows"]) for rs in runs.values() for r in rs)
+
+
 def _pct(d: dict[str, float], key: str = "diff") -> str:
     return f"{100 * d[key]:+.2f}"
 
@@ -148,7 +153,7 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> dict
                            "versions": runs[base][0]["summary"]["versions"],
                            "devices": runs[base][0]["summary"]["devices"], "rules": {}}
     k = a.last_k
-    sparse = any(len(evaluated(r["rows"])) < len(r["rows"]) for rs in runs.values() for r in rs)
+    sparse = tested_sparsely(runs)
     last = f"last {k} tested epochs" if sparse else f"last {k} epochs"
     lines = [f"Test accuracy (%) after {cfg['epochs']} epochs, {a.seeds} seed(s) per variant, preset {a.preset} "
              f"({cfg['model']} on {cfg['dataset']}); differences to {base}, paired by seed: mean [95% t interval], "
@@ -269,7 +274,7 @@ def plot(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[P
     names, what = list(a.variants), _describe(a, runs)
     base = names[0]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), sharey=True)
-    sparse = any(len(evaluated(r["rows"])) < len(r["rows"]) for rs in runs.values() for r in rs)
+    sparse = tested_sparsely(runs)
     titles = {"test_acc": "test accuracy at each evaluated epoch" if sparse else "test accuracy after each epoch",
               "train_acc": "training accuracy: running mean over each epoch (train mode)"}
     for ax, key in zip(axes, ("test_acc", "train_acc")):
