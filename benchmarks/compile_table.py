@@ -40,10 +40,10 @@ NETS = {
     "resnet50": ["--preset", "imagenet", "--skip", "identity"],
 }
 TARGETS = {"gpu": ["gpu:h100", "gpu:h200", "gpu:a100-80gb", "gpu:h100:2x1x8"], "tpu": ["tpu:v5e:2x2", "tpu:v5e:16x16"]}
-# what is compiled by default: every network on the GPUs; the small ones on a v5e host; ResNet-50 on a v5e pod
+# what is compiled by default: every network on the GPUs; the 32-pixel ones on a v5e host; ResNet-50 on a v5e pod
 DEFAULT_ROWS = {**{f"{n}|{t}": None for n in NETS for t in TARGETS["gpu"][:3]},
                 "resnet50|gpu:h100:2x1x8": None,
-                **{f"{n}|tpu:v5e:2x2": None for n in ("paper", "resnet18_cifar", "resnet56")},
+                **{f"{n}|tpu:v5e:2x2": None for n in ("paper", "resnet18_cifar", "resnet56", "resnet50_keras")},
                 "resnet50|tpu:v5e:16x16": None}
 ANCHORS = {"resnet50|gpu:h100": "MLPerf Training ResNet-50: about 7,160 img/s per H100",
            "resnet50|gpu:h200": "MLPerf Training ResNet-50: about 7,950 img/s per H200",
