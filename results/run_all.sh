@@ -85,6 +85,14 @@ paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 train
       --dataset cifar10 --data-dir "$data" --conv-impl tuned
 }
 
+paper_full_normal() {  # 5a: the seed script's variant on the full data (downsampling blocks' w ~ RandomNormal(0.05)),
+  # paired with paper_full's identity by seed (run from a worktree at commit 01c534e, like paper_full, 2026-12-04,
+  # 38-50 min a run on the shared machine); 2 seeds: a third did not fit the session (--seeds 3 adds it)
+  $conv --preset paper --seeds 2 --out $runs/paper-full-normal --title "seed setup, full data, downsample w normal" \
+      --dataset cifar10 --data-dir "$data" --conv-impl tuned \
+      --variants "learned-normal=--skip learned --downsample-skip-init normal"
+}
+
 controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside learned from 0 and from 1, ResNet-20,
   # CIFAR-10 5k (--skip-lr-mult 0 scales the skip weights' update to exactly 0 under SGD, Adam and AdamW, and
   # weight decay never reaches them: tests/test_summarize.py); test accuracy at epochs 5 and 10 only (see budget);
@@ -94,15 +102,15 @@ controls() {  # 5b: w frozen at 0 (no skip path) and at 1 (= identity) beside le
 frozen1=--skip learned --skip-init 1 --skip-lr-mult 0;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
-budget() {  # 5c: does the gap close with training? identity and learned for 30 epochs (cosine over all 30),
-  # ResNet-20, CIFAR-10 5k, seeds 0-1 (a third seed did not fit the session: --seeds 3 adds it; learned from 1 left
-  # out for CPU time); the 10-epoch point is the controls sweep's identity and learned (the same flags). Test
+budget() {  # 5c: does the gap close with training? identity, learned from 0 and from 1 for 30 epochs (cosine over
+  # all 30), ResNet-20, CIFAR-10 5k, seeds 0-2 (all at commit 53925ef: seeds 0-1 of identity and learned in round 4's
+  # first session, the rest in its second); the 10-epoch point is the controls sweep's runs (the same flags). Test
   # accuracy every 5 epochs and at the end: testing the 10,000 images every epoch took 5x the 5,000-image epoch
   # here, and testing never changes the training (the controls' identity, tested every epoch or every 5, ends
   # bit-identical). About 12 minutes a run on a quiet machine, 20-25 shared.
-  $conv --preset cifar --seeds 2 --out $runs/budget-cifar-r20-5k-30ep --title "budget, CIFAR-10 5k, 30 epochs" \
+  $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-30ep --title "budget, CIFAR-10 5k, 30 epochs" \
       --model resnet20 "${c5k[@]}" --epochs 30 --eval-every-steps 195 --conv-impl tuned_single_device \
-      --variants "identity=--skip identity;learned=--skip learned"
+      --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
 # ---- Prepared, not run yet (not in the default list, not in results/summary.md's families) ----
@@ -112,7 +120,7 @@ paper_full_resnet50keras() {  # not run yet (45-85 min a seed here): the seed's 
       --dataset cifar10 --data-dir "$data" --model resnet50_keras
 }
 
-paper_normal() {  # 5a: the seed script's variant (downsampling blocks' w ~ RandomNormal(0.05)) beside paper_5k's runs
+paper_normal() {  # the seed script's variant on 5,000 images at today's code (on the full data: paper_full_normal)
   $conv --preset paper --seeds 3 --out $runs/paper-5k-normal --title "seed setup, 5k, downsample w normal" \
       --dataset cifar10 --data-dir "$data" --max-train 5000 \
       --variants "identity=--skip identity;learned=--skip learned;learned-normal=--skip learned --downsample-skip-init normal"
@@ -120,8 +128,8 @@ paper_normal() {  # 5a: the seed script's variant (downsampling blocks' w ~ Rand
 
 budget_100() {  # prepared, not run (about 40 minutes a run here): the same at 100 epochs, tested every 15
   $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
-      --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 \
-      --variants "identity=--skip identity;learned=--skip learned"
+      --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 --conv-impl tuned_single_device \
+      --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
 lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k
@@ -164,17 +172,17 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
   local saved=$conv
   conv="replot_one $py benchmarks/convergence.py"
   digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar; paper_full
-  controls; budget
+  paper_full_normal; controls; budget
   $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
       --variants "identity=--skip identity;learned-normal=--skip learned"
   conv=$saved
   $py results/summarize.py > results/summary.md
 }
 
-# The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 3).
+# The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 4).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       depth_cifar paper_full controls budget collect)
+                                       depth_cifar paper_full paper_full_normal controls budget collect)
 [ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
   [ -n "$s" ] || continue

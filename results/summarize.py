@@ -59,6 +59,8 @@ COMPARISONS = [
     _c("round 1 paper (pre-Keras init), CIFAR-10 5k: learned, downsample w ~ N(0, 0.05), vs identity",
        "paper-5k-round1", "identity", "learned-normal"),
     _c("seed setup, full CIFAR-10: learned vs identity", "paper-full", "identity", "learned"),
+    Comparison("seed setup, full CIFAR-10: learned, downsample w ~ N(0, 0.05) (the seed script), vs identity",
+               "paper-full", "identity", "paper-full-normal", "learned-normal"),
     _c("preset cifar, ResNet-20 w8, CIFAR-10 5k: learned vs identity", "cifar-r20-5k", "identity", "learned"),
     _c("preset cifar, ResNet-20 w8, CIFAR-10 5k: rezero vs identity", "cifar-r20-5k", "identity", "rezero"),
     Comparison("preset cifar, ResNet-20 w8, CIFAR-10 5k: learned-w1 vs learned", "cifar-r20-5k", "learned",
@@ -78,13 +80,13 @@ COMPARISONS = [
     *[_c(f"digits, Adam lr {lr}: {v} vs identity", f"digits-lr{lr}", "identity", v)
       for lr in ("0.001", "0.003", "0.01", "0.03") for v in ("learned", "learned-x10")],
     _c("digits, 60 epochs: learned-w1 vs learned", "digits-60ep", "learned", "learned-w1"),
-    # prepared, not run yet (results/run_all.sh: long_cifar, controls, budget, lr_cifar): rows appear once run
+    # rows appear once their sweeps have run (results/run_all.sh; long_cifar, budget_100, lr_cifar, paper_normal: not yet)
     _c("CIFAR-10 5k, 50 epochs: learned-w1 vs learned", "cifar-r20-5k-50ep", "learned", "learned-w1"),
     *[_c(f"controls, CIFAR-10 5k, ResNet-20: {v} vs identity", "controls-cifar-r20-5k", "identity", v)
       for v in ("frozen0", "frozen1", "learned", "learned-w1")],
     _c("controls, CIFAR-10 5k, ResNet-20: learned vs frozen0", "controls-cifar-r20-5k", "frozen0", "learned"),
     *[_c(f"budget, CIFAR-10 5k, ResNet-20, {e} epochs: {v} vs identity", f"budget-cifar-r20-5k-{e}ep", "identity", v)
-      for e in (30, 100) for v in ("learned",)],  # 10 epochs: the controls rows
+      for e in (30, 100) for v in ("learned", "learned-w1")],  # 10 epochs: the controls rows
     *[_c(f"CIFAR-10 5k, ResNet-20, skip lr multiplier: {v} vs identity", "lr-cifar-r20-5k", "identity", v)
       for v in ("learned", "learned-x3", "learned-x10", "learned-x30")],
     *[_c(f"seed setup (paper), CIFAR-10 5k: {v} vs identity", "paper-5k-normal", "identity", v)
