@@ -87,7 +87,7 @@ paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 train
 
 paper_full_normal() {  # 5a: the seed script's variant on the full data (downsampling blocks' w ~ RandomNormal(0.05)),
   # paired with paper_full's identity by seed (run from a worktree at commit 01c534e, like paper_full, 2026-12-04,
-  # 38-50 min a run on the shared machine); 2 seeds: a third did not fit the session (--seeds 3 adds it)
+  # 36-44 min a run on the shared machine); 2 seeds: a third did not fit the session (--seeds 3 adds it)
   $conv --preset paper --seeds 2 --out $runs/paper-full-normal --title "seed setup, full data, downsample w normal" \
       --dataset cifar10 --data-dir "$data" --conv-impl tuned \
       --variants "learned-normal=--skip learned --downsample-skip-init normal"
