@@ -128,15 +128,15 @@ def test_run_all_commands_reproduce_the_committed_configs():
         sweeps.add(a.out.name)
         sweep_file = root / a.out.name / "provenance.json"  # older sweeps; newer runs carry their own
         prov = json.loads(sweep_file.read_text())["runs"] if sweep_file.exists() else {}
+        ran_in = RAN_IN.get(a.out.name, a.out.name)
         for variant, flags in a.variants.items():
             cfg = dataclasses.asdict(parse_config(["--preset", a.preset, *rest, *flags, "--quiet"]))
             for seed in range(a.seeds):
                 run = f"{variant}-seed{seed}"
-                saved = json.loads((root / a.out.name / run / "summary.json").read_text())["config"]
+                summary = json.loads((root / a.out.name / run / "summary.json").read_text())
+                saved = summary["config"]
                 if saved["conv_impl"] == "auto":
-                    summary = json.loads((root / a.out.name / run / "summary.json").read_text())
                     saved["conv_impl"] = (prov.get(run) or summary["provenance"])["conv_impl"]
-                ran_in = RAN_IN.get(a.out.name, a.out.name)
                 assert saved.pop("seed") == seed and saved.pop("workdir").endswith(f"{ran_in}/{run}")
                 diff = {k: (v, cfg.get(k)) for k, v in saved.items() if cfg.get(k, "absent") != v}
                 assert not diff, f"{a.out.name}/{run}: committed vs run_all.sh {diff}"
