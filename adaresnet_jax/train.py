@@ -547,15 +547,12 @@ class Loop:
         bad, since_save = self._agree(time.perf_counter() - self.last_save)
         minutes = self.cfg.checkpoint_every_minutes
         at_ckpt |= bool(minutes) and since_save >= 60 * minutes
-        secs = time.perf_counter() - self.t_win
-        self.clock.train_time += secs
-        self.clock.images += sum(k for _, k in self.window)
         skips = jax.tree.map(jnp.copy, skip_weights(self.state["params"]))  # copies: the next step donates
         row = None
         if self.every.evaluation(self.step) or at_ckpt:
-            row = self._log_row(self.window, self.step, secs, bad, skips, evaluate=self.every.evaluation(self.step))
+            row = self._log_row(self.window, self.step, self.t_win, bad, skips, evaluate=self.every.evaluation(self.step))
         else:
-            self.pending = (self.window, self.step, secs, bad, skips)  # logged after the next step is queued
+            self.pending = (self.window, self.step, self.t_win, bad, skips)  # logged after the next step is queued
         self.window, self.t_win = [], time.perf_counter()
         return at_ckpt, row
 
@@ -584,14 +581,22 @@ class Loop:
         _say(True, f"{why}: saved a checkpoint at step {step} ({where}) in {self.cfg.workdir}; "
              "rerun the same command to resume")
 
-    def _log_row(self, window: list[tuple[Any, int]], step: int, secs: float, bad: int | None, skips: Any,
+    def _log_row(self, window: list[tuple[Any, int]], step: int, t_start: float, bad: int | None, skips: Any,
                  evaluate: bool = False) -> dict[str, Any]:
         """Fetches ``window``'s metrics (raising NonFiniteLoss) and logs its row (metrics.jsonl and a line),
         evaluating the current state if ``evaluate``: train loss (weighted by batch size) and accuracy over the
-        window, the evaluation, lr, images/s, bad images, skip weights (``skips``, device arrays)."""
+        window, the evaluation, lr, images/s, bad images, skip weights (``skips``, device arrays).
+
+        The window's seconds run from ``t_start`` until its metrics are on the host, i.e. until its steps have
+        run, not only been queued (dispatch is asynchronous: the loop can queue a whole epoch long before it has run).
+        A row fetched one step late (``pending``) ends where the next window's steps start running."""
         hist = self._fetch_finite(window, step)
+        done = time.perf_counter()
+        secs, n_img, spe = done - t_start, sum(n for _, n in window), self.every.spe
+        self.clock.train_time += secs
+        self.clock.images += n_img
+        self.t_win = max(self.t_win, done)  # a pending row: the next window's first step runs from here
         evals = self.evaluator(self.state) if evaluate else {}
-        n_img, spe = sum(n for _, n in window), self.every.spe
         row = {"epoch": step // spe if step % spe == 0 else round(step / spe, 4), "step": step,
                "train_loss": sum(float(h["loss"]) * n for h, (_, n) in zip(hist, window)) / n_img,
                "train_acc": sum(int(h["correct"]) for h in hist) / n_img, "val_loss": None, "val_acc": None,

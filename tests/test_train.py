@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -333,6 +335,40 @@ def test_step_cadence_and_time_based_checkpoints(tmp_path: Path) -> None:
     assert T.main(flags + ["--log-every-steps", "2", "--checkpoint-every", "9", "--checkpoint-every-minutes", "1e-9",
                            "--workdir", str(wd)]) == 0
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_row_seconds_cover_running_the_steps_not_only_queueing_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dispatch is asynchronous, so the loop can queue an epoch's steps long before they have run. A row's
+    epoch_time (and the summary's train time) must last until its steps have run: here each step first runs
+    a device computation on the state that takes ``t_slow`` and costs the host nothing to queue."""
+    @jax.jit
+    def slow(state: T.State) -> T.State:
+        a = jnp.full((256, 256), 1e-3, jnp.float32)
+        zero = 0 * jax.lax.fori_loop(0, 200, lambda i, a: jnp.tanh(a @ a), a)[0, 0]
+        return jax.tree.map(lambda x: x + zero.astype(x.dtype), state)
+
+    class SlowStep(T.CompiledStep):
+        def __call__(self, state: T.State, batch: Any) -> tuple[T.State, dict[str, jax.Array]]:
+            return super().__call__(slow(state), batch)
+
+    monkeypatch.setattr(T, "CompiledStep", SlowStep)
+    assert T.main(TINY + ["--epochs", "2", "--workdir", str(tmp_path)]) == 0  # 8 steps an epoch
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    state = {"w": jnp.ones((64, 64))}
+    slow(state)["w"].block_until_ready()
+    t_slow = min(_seconds(lambda: slow(state)["w"].block_until_ready()) for _ in range(3))
+    assert [r["step"] for r in rows] == [8, 16]
+    floor = 0.6 * 8 * t_slow  # most of the device time of an epoch's 8 slow steps; queueing them takes far less
+    times = [r["epoch_time"] for r in rows]
+    assert min(times) >= floor and summary["train_time_s"] >= 2 * floor, f"epoch_time {times}, t_slow {t_slow}"
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- bad input
