@@ -86,9 +86,9 @@ paper_full() {  # 5a: the seed's experiment as the seed ran it: all 50,000 train
 }
 
 paper_full_normal() {  # 5a: the seed script's variant on the full data (downsampling blocks' w ~ RandomNormal(0.05)),
-  # paired with paper_full's identity by seed (run from a worktree at commit 01c534e, like paper_full, 2026-12-04,
-  # 36-44 min a run on the shared machine); 2 seeds: a third did not fit the session (--seeds 3 adds it)
-  $conv --preset paper --seeds 2 --out $runs/paper-full-normal --title "seed setup, full data, downsample w normal" \
+  # paired with paper_full's identity by seed (run from a worktree at commit 01c534e, like paper_full; 2026-12-03/04,
+  # 26-44 min a run on the shared machine)
+  $conv --preset paper --seeds 3 --out $runs/paper-full-normal --title "seed setup, full data, downsample w normal" \
       --dataset cifar10 --data-dir "$data" --conv-impl tuned \
       --variants "learned-normal=--skip learned --downsample-skip-init normal"
 }
@@ -113,6 +113,15 @@ budget() {  # 5c: does the gap close with training? identity, learned from 0 and
       --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
+lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k:
+  # x3, x10, x30 beside the controls sweep's learned (x1) and identity, paired by seed (the same flags and commit,
+  # 53925ef, from a worktree; they trained in the controls folder, 2026-12-04, 3-7 minutes a run while shared)
+  $conv --preset cifar --seeds 3 --out $runs/lr-cifar-r20-5k --title "skip lr multiplier, CIFAR-10 5k, resnet20" \
+      --model resnet20 "${c5k[@]}" --eval-every-steps 195 --conv-impl tuned_single_device --variants \
+      "learned-x3=--skip learned --skip-lr-mult 3;learned-x10=--skip learned --skip-lr-mult 10;\
+learned-x30=--skip learned --skip-lr-mult 30"
+}
+
 # ---- Prepared, not run yet (not in the default list, not in results/summary.md's families) ----
 
 paper_full_resnet50keras() {  # not run yet (45-85 min a seed here): the seed's own baseline on the full data
@@ -126,16 +135,11 @@ paper_normal() {  # the seed script's variant on 5,000 images at today's code (o
       --variants "identity=--skip identity;learned=--skip learned;learned-normal=--skip learned --downsample-skip-init normal"
 }
 
-budget_100() {  # prepared, not run (about 40 minutes a run here): the same at 100 epochs, tested every 15
+budget_100() {  # prepared, not finished: the same at 100 epochs, tested every 15. Started 2026-12-04 and stopped:
+  # identity seed 0 reached epoch 43 in 76 min with two other sweeps on the 2 cores; 9 runs do not fit a session here
   $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
       --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 --conv-impl tuned_single_device \
       --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
-}
-
-lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k
-  $conv --preset cifar --seeds 3 --out $runs/lr-cifar-r20-5k --title "skip lr multiplier, CIFAR-10 5k" --model resnet20 \
-      "${c5k[@]}" --variants "identity=--skip identity;learned=--skip learned;learned-x3=--skip learned --skip-lr-mult 3;\
-learned-x10=--skip learned --skip-lr-mult 10;learned-x30=--skip learned --skip-lr-mult 30"
 }
 
 long_cifar() {  # a longer schedule: 50 epochs on the 5,000-image subset (about 15 min a run here)
@@ -172,7 +176,7 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
   local saved=$conv
   conv="replot_one $py benchmarks/convergence.py"
   digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar; paper_full
-  paper_full_normal; controls; budget
+  paper_full_normal; controls; budget; lr_cifar
   $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
       --variants "identity=--skip identity;learned-normal=--skip learned"
   conv=$saved
@@ -182,7 +186,7 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
 # The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 4).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       depth_cifar paper_full paper_full_normal controls budget collect)
+                                       depth_cifar paper_full paper_full_normal controls budget lr_cifar collect)
 [ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
   [ -n "$s" ] || continue

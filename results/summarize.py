@@ -80,15 +80,16 @@ COMPARISONS = [
     *[_c(f"digits, Adam lr {lr}: {v} vs identity", f"digits-lr{lr}", "identity", v)
       for lr in ("0.001", "0.003", "0.01", "0.03") for v in ("learned", "learned-x10")],
     _c("digits, 60 epochs: learned-w1 vs learned", "digits-60ep", "learned", "learned-w1"),
-    # rows appear once their sweeps have run (results/run_all.sh; long_cifar, budget_100, lr_cifar, paper_normal: not yet)
+    # rows appear once their sweeps have run (results/run_all.sh; long_cifar, budget_100, paper_normal: not yet)
     _c("CIFAR-10 5k, 50 epochs: learned-w1 vs learned", "cifar-r20-5k-50ep", "learned", "learned-w1"),
     *[_c(f"controls, CIFAR-10 5k, ResNet-20: {v} vs identity", "controls-cifar-r20-5k", "identity", v)
       for v in ("frozen0", "frozen1", "learned", "learned-w1")],
     _c("controls, CIFAR-10 5k, ResNet-20: learned vs frozen0", "controls-cifar-r20-5k", "frozen0", "learned"),
     *[_c(f"budget, CIFAR-10 5k, ResNet-20, {e} epochs: {v} vs identity", f"budget-cifar-r20-5k-{e}ep", "identity", v)
       for e in (30, 100) for v in ("learned", "learned-w1")],  # 10 epochs: the controls rows
-    *[_c(f"CIFAR-10 5k, ResNet-20, skip lr multiplier: {v} vs identity", "lr-cifar-r20-5k", "identity", v)
-      for v in ("learned", "learned-x3", "learned-x10", "learned-x30")],
+    *[Comparison(f"CIFAR-10 5k, ResNet-20, skip lr multiplier: {v} vs {base}", "controls-cifar-r20-5k", base,
+                 "lr-cifar-r20-5k", v) for base in ("identity", "learned") for v in ("learned-x3", "learned-x10",
+                                                                                      "learned-x30")],
     *[_c(f"seed setup (paper), CIFAR-10 5k: {v} vs identity", "paper-5k-normal", "identity", v)
       for v in ("learned", "learned-normal")],
 ]

@@ -102,7 +102,7 @@ def test_committed_tables_are_the_script_output():
 
 
 # sweeps whose runs trained in another sweep's folder (the same command with one more variant) and were moved
-RAN_IN = {"paper-full-normal": "paper-full"}
+RAN_IN = {"paper-full-normal": "paper-full", "lr-cifar-r20-5k": "controls-cifar-r20-5k"}
 
 
 def test_run_all_commands_reproduce_the_committed_configs():
@@ -143,7 +143,7 @@ def test_run_all_commands_reproduce_the_committed_configs():
                 checked += 1
     # the default list is exactly the committed family: every committed sweep but the unreproducible round-1 one
     committed = {p.name for p in root.iterdir() if any(p.glob("*-seed*/summary.json"))}
-    assert sweeps == committed - {"paper-5k-round1"} and checked == 203  # every committed run but round 1's 6
+    assert sweeps == committed - {"paper-5k-round1"} and checked == 213  # every committed run but round 1's 6
 
 
 @pytest.mark.parametrize("optimizer, extra", [("sgd", ["--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4"]),
