@@ -101,7 +101,7 @@ def test_committed_tables_are_the_script_output():
     assert committed == summarize.table() + "\n"
 
 
-# sweeps whose runs trained in another sweep's folder (the same command with one more variant) and were moved
+# sweeps whose runs trained in another sweep's folder (the same flags and commit, other variants) and were moved
 RAN_IN = {"paper-full-normal": "paper-full", "lr-cifar-r20-5k": "controls-cifar-r20-5k"}
 
 
