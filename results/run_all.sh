@@ -113,6 +113,14 @@ budget() {  # 5c: does the gap close with training? identity, learned from 0 and
       --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
+budget_100() {  # 5c at 100 epochs (cosine over all 100), tested every 15 epochs and at the end; seeds 0-2, from a
+  # worktree at commit 53925ef like budget, 2026-12-04: 14-17 min a run alone here, 37 shared. results/budget_curve.py
+  # (run by collect) puts the 10-, 30- and 100-epoch points side by side
+  $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
+      --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 --conv-impl tuned_single_device \
+      --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
+}
+
 lr_cifar() {  # 5d: the skip weights' learning-rate multiplier on CIFAR-10 (preset cifar: SGD lr 0.1), ResNet-20, 5k:
   # x3, x10, x30 beside the controls sweep's learned (x1) and identity, paired by seed (the same flags and commit,
   # 53925ef, from a worktree; they trained in the controls folder, 2026-12-04, 3-7 minutes a run while shared)
@@ -133,13 +141,6 @@ paper_normal() {  # the seed script's variant on 5,000 images at today's code (o
   $conv --preset paper --seeds 3 --out $runs/paper-5k-normal --title "seed setup, 5k, downsample w normal" \
       --dataset cifar10 --data-dir "$data" --max-train 5000 \
       --variants "identity=--skip identity;learned=--skip learned;learned-normal=--skip learned --downsample-skip-init normal"
-}
-
-budget_100() {  # prepared, not finished: the same at 100 epochs, tested every 15. Started 2026-12-04 and stopped:
-  # identity seed 0 reached epoch 43 in 76 min with two other sweeps on the 2 cores; 9 runs do not fit a session here
-  $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
-      --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 --conv-impl tuned_single_device \
-      --variants "identity=--skip identity;learned=--skip learned;learned-w1=--skip learned --skip-init 1"
 }
 
 long_cifar() {  # a longer schedule: 50 epochs on the 5,000-image subset (about 15 min a run here)
@@ -164,6 +165,7 @@ collect() {  # copy what RESULTS.md cites (sweep tables, plots, per-run metrics;
     done
   done
   $py results/summarize.py > results/summary.md
+  $py results/budget_curve.py > results/budget_curve.md  # and results/budget_curve.png
 }
 
 replot_one() {  # convergence.py's command with --out pointed at results/<sweep> and --replot: reads, never trains
@@ -176,17 +178,18 @@ replot() {  # the committed sweeps' tables and plots, redrawn from their per-run
   local saved=$conv
   conv="replot_one $py benchmarks/convergence.py"
   digits_init; cifar_r20; digits_10seeds; lr_digits; depth_digits; paper_5k; long_digits; depth_cifar; paper_full
-  paper_full_normal; controls; budget; lr_cifar
+  paper_full_normal; controls; budget; budget_100; lr_cifar
   $conv --preset paper --seeds 3 --out results/paper-5k-round1 --title "seed setup, 5k, round 1 (pre-Keras init)" \
       --variants "identity=--skip identity;learned-normal=--skip learned"
   conv=$saved
   $py results/summarize.py > results/summary.md
+  $py results/budget_curve.py > results/budget_curve.md
 }
 
 # The default list is exactly the sweeps behind results/summary.md's families (rounds 1 to 4).
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(digits_init cifar_r20 digits_10seeds lr_digits depth_digits paper_5k long_digits
-                                       depth_cifar paper_full paper_full_normal controls budget lr_cifar collect)
+                                       depth_cifar paper_full paper_full_normal controls budget budget_100 lr_cifar collect)
 [ -z "${DRY_RUN:-}" ] || sections=("${sections[@]/collect/}")
 for s in "${sections[@]}"; do
   [ -n "$s" ] || continue

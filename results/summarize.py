@@ -80,7 +80,7 @@ COMPARISONS = [
     *[_c(f"digits, Adam lr {lr}: {v} vs identity", f"digits-lr{lr}", "identity", v)
       for lr in ("0.001", "0.003", "0.01", "0.03") for v in ("learned", "learned-x10")],
     _c("digits, 60 epochs: learned-w1 vs learned", "digits-60ep", "learned", "learned-w1"),
-    # rows appear once their sweeps have run (results/run_all.sh; long_cifar, budget_100, paper_normal: not yet)
+    # rows appear once their sweeps have run (results/run_all.sh; long_cifar, paper_normal: not yet)
     _c("CIFAR-10 5k, 50 epochs: learned-w1 vs learned", "cifar-r20-5k-50ep", "learned", "learned-w1"),
     *[_c(f"controls, CIFAR-10 5k, ResNet-20: {v} vs identity", "controls-cifar-r20-5k", "identity", v)
       for v in ("frozen0", "frozen1", "learned", "learned-w1")],

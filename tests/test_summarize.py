@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
 
+import budget_curve  # noqa: E402
 import summarize  # noqa: E402
 
 A = [0.50, 0.55, 0.60]
@@ -23,7 +24,7 @@ def _run(root: Path, sweep: str, variant: str, seed: int, acc: float, prov: dict
     if prov is not None:
         summary["provenance"] = prov
     (d / "summary.json").write_text(json.dumps(summary))
-    rows = [{"epoch": e, "test_acc": acc - 0.01 * (3 - e), "train_acc": acc + 0.1} for e in (1, 2, 3)]
+    rows = [{"epoch": e, "step": e, "test_acc": acc - 0.01 * (3 - e), "train_acc": acc + 0.1} for e in (1, 2, 3)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -96,9 +97,46 @@ def test_sweeps_tested_every_few_epochs_have_no_last_k_column(tmp_path):
 
 
 def test_committed_tables_are_the_script_output():
-    """results/summary.md is exactly what summarize.py prints for the committed runs."""
+    """results/summary.md and budget_curve.md are exactly what summarize.py and budget_curve.py print."""
     committed = (Path(summarize.ROOT) / "summary.md").read_text()
     assert committed == summarize.table() + "\n"
+    curve = (Path(summarize.ROOT) / "budget_curve.md").read_text()
+    assert curve == budget_curve.table(budget_curve.curve()) + "\n"
+
+
+
+def _budget(root: Path, prov_learned) -> None:
+    """Three budgets of three seeds: identity at A, learned at B (its provenance from prov_learned), learned-w1 at A."""
+    for sweep in budget_curve.EPOCHS.values():
+        for seed in range(3):
+            _run(root, sweep, "identity", seed, A[seed], _prov()(seed))
+            _run(root, sweep, "learned", seed, B[seed], prov_learned(seed))
+            _run(root, sweep, "learned-w1", seed, A[seed], _prov()(seed))
+
+
+def test_budget_curve_pairs_each_budget_by_seed_and_draws_it(tmp_path):
+    """results/budget_curve.py: per budget, each seed's final accuracy and the paired gap to identity (the same
+    numbers summarize.py's paired rows give), a table row per budget, and the plot."""
+    _budget(tmp_path, _prov())
+    data = budget_curve.curve(tmp_path)
+    assert list(data) == [10, 30, 100]
+    gap = data[30]["gap"]["learned"]
+    assert data[30]["acc"]["learned"] == pytest.approx([100 * b for b in B])
+    assert gap["diff"] == pytest.approx(100 * (sum(B) - sum(A)) / 3) and gap["positive"] == 3
+    assert data[100]["gap"]["learned-w1"]["diff"] == 0 and data[100]["gap"]["learned-w1"]["negative"] == 0
+    assert budget_curve.table(data).count("\n| 30 (3) | 3 | 55.00") == 1  # steps: the identity run's last row
+    budget_curve.plot(data, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_curve_refuses_runs_of_another_commit_and_skips_unfinished_budgets(tmp_path):
+    _budget(tmp_path, lambda seed: _prov(commit="other" if seed == 2 else "abc")(seed))
+    with pytest.raises(SystemExit, match="cannot be paired.*commit"):
+        budget_curve.curve(tmp_path)
+    _budget(tmp_path / "ok", _prov())
+    for seed in (1, 2):  # the 100-epoch learned-w1 has one finished seed: that budget is left out
+        (tmp_path / "ok" / budget_curve.EPOCHS[100] / f"learned-w1-seed{seed}" / "summary.json").unlink()
+    assert list(budget_curve.curve(tmp_path / "ok")) == [10, 30]
 
 
 # sweeps whose runs trained in another sweep's folder (the same flags and commit, other variants) and were moved
@@ -143,7 +181,7 @@ def test_run_all_commands_reproduce_the_committed_configs():
                 checked += 1
     # the default list is exactly the committed family: every committed sweep but the unreproducible round-1 one
     committed = {p.name for p in root.iterdir() if any(p.glob("*-seed*/summary.json"))}
-    assert sweeps == committed - {"paper-5k-round1"} and checked == 213  # every committed run but round 1's 6
+    assert sweeps == committed - {"paper-5k-round1"} and checked == 222  # every committed run but round 1's 6
 
 
 @pytest.mark.parametrize("optimizer, extra", [("sgd", ["--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4"]),
