@@ -114,7 +114,7 @@ budget() {  # 5c: does the gap close with training? identity, learned from 0 and
 }
 
 budget_100() {  # 5c at 100 epochs (cosine over all 100), tested every 15 epochs and at the end; seeds 0-2, from a
-  # worktree at commit 53925ef like budget, 2026-12-04: 14-17 min a run alone here, 37 shared. results/budget_curve.py
+  # worktree at commit 53925ef like budget, 2026-12-04: 14-17 min a run here, 37 shared. results/budget_curve.py
   # (run by collect) puts the 10-, 30- and 100-epoch points side by side
   $conv --preset cifar --seeds 3 --out $runs/budget-cifar-r20-5k-100ep --title "budget, CIFAR-10 5k, 100 epochs" \
       --model resnet20 "${c5k[@]}" --epochs 100 --eval-every-steps 585 --conv-impl tuned_single_device \
