@@ -104,7 +104,6 @@ def test_committed_tables_are_the_script_output():
     assert curve == budget_curve.table(budget_curve.curve()) + "\n"
 
 
-
 def _budget(root: Path, prov_learned) -> None:
     """Three budgets of three seeds: identity at A, learned at B (its provenance from prov_learned), learned-w1 at A."""
     for sweep in budget_curve.EPOCHS.values():
@@ -123,6 +122,9 @@ def test_budget_curve_pairs_each_budget_by_seed_and_draws_it(tmp_path):
     gap = data[30]["gap"]["learned"]
     assert data[30]["acc"]["learned"] == pytest.approx([100 * b for b in B])
     assert gap["diff"] == pytest.approx(100 * (sum(B) - sum(A)) / 3) and gap["positive"] == 3
+    row = summarize.compare(summarize.Comparison("", budget_curve.EPOCHS[30], "identity", budget_curve.EPOCHS[30],
+                                                 "learned"), tmp_path)["res"]["final"]
+    assert (gap["lo"], gap["hi"], gap["p"]) == pytest.approx((100 * row["lo"], 100 * row["hi"], row["p"]))
     assert data[100]["gap"]["learned-w1"]["diff"] == 0 and data[100]["gap"]["learned-w1"]["negative"] == 0
     assert budget_curve.table(data).count("\n| 30 (3) | 3 | 55.00") == 1  # steps: the identity run's last row
     budget_curve.plot(data, tmp_path / "curve.png")
