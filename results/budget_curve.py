@@ -49,9 +49,9 @@ def curve(root: Path = summarize.ROOT) -> dict[int, dict[str, Any]]:
 
 
 def table(data: dict[int, dict[str, Any]]) -> str:
-    head = "| epochs (steps) | seeds | " + " | ".join(f"{RULES[r]}, test acc %" for r in RULES) + " | " + \
-        " | ".join(f"{r} - identity, paired [95% CI], seeds better/worse" for r in list(RULES)[1:]) + " |"
-    lines = [head, "|" + "---|" * (2 + len(RULES) + len(RULES) - 1)]
+    cols = ["epochs (steps)", "seeds", *(f"{RULES[r]}, test acc %" for r in RULES),
+            *(f"{r} - identity, paired [95% CI], seeds better/worse" for r in list(RULES)[1:])]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for epochs, d in data.items():
         cells = [f"{epochs} ({d['steps']:,})", str(len(d["acc"]["identity"]))]
         for rule in RULES:
